@@ -1,0 +1,178 @@
+"""The visual-encoder interface every encoder implements, the image transforms, and the encoder registry.
+
+An encoder is a LightningModule that turns a batch of preprocessed images into a sequence of visual
+tokens laid out on a (h, w) grid: ``forward(images) -> (B, h * w, embed_dim)``. It owns the image
+transform it needs (size, normalisation and aspect handling), so the datamodule can apply it in its
+workers and attend-and-segment can invert it exactly. Encoders keep their pretrained parts frozen and in
+eval mode whatever Lightning does with ``train()``; parameters an encoder leaves trainable (DiffLMM's
+implicit captioner, the fused block) are trained with the projector. Configs pick an encoder by its
+registry name (``encoder.name: clip``); each encoder class declares a ``Config`` dataclass that is the
+schema of its config section.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.transforms import functional as TF
+
+#: Aspect modes. ``crop``: resize the short side, centre-crop (LLaVA pretraining). ``pad``: pad to a square
+#: with the mean colour, then resize (LLaVA-1.5 instruction tuning). ``resize``: squash to a square.
+ASPECT_MODES = ("crop", "pad", "resize")
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTransform:
+    """PIL image -> normalised (3, size, size) float tensor; picklable so dataloader workers can run it.
+
+    The fields are everything attend-and-segment needs to map a token grid back onto the original image.
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    aspect: str = "pad"
+
+    def __post_init__(self) -> None:
+        if self.aspect not in ASPECT_MODES:
+            raise ValueError(f"image aspect {self.aspect!r} is not one of {ASPECT_MODES}")
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        image = image.convert("RGB")
+        if self.aspect == "pad":
+            image = pad_to_square(image, tuple(round(255 * m) for m in self.mean))
+            image = image.resize((self.size, self.size), Image.BICUBIC)
+        elif self.aspect == "crop":
+            image = TF.resize(image, self.size, interpolation=TF.InterpolationMode.BICUBIC)
+            image = TF.center_crop(image, [self.size, self.size])
+        else:
+            image = image.resize((self.size, self.size), Image.BICUBIC)
+        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+
+
+def pad_to_square(image: Image.Image, fill: Sequence[int]) -> Image.Image:
+    """Pad a PIL image to a centred max(W, H) square filled with ``fill`` (LLaVA's ``expand2square``)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), tuple(fill))
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+class VisualEncoder(L.LightningModule, ABC):
+    """Base class: images -> (B, h*w, embed_dim) visual tokens on a fixed grid.
+
+    Subclasses set ``Config`` (a dataclass), build their modules in ``__init__(config)``, list the frozen
+    submodules in ``frozen_modules()`` and implement the abstract properties and ``forward``.
+    """
+
+    Config: ClassVar[type]
+
+    @property
+    @abstractmethod
+    def embed_dim(self) -> int:
+        """Width of each output token."""
+
+    @property
+    @abstractmethod
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of the token grid; tokens are flattened row-major."""
+
+    @property
+    @abstractmethod
+    def image_size(self) -> int:
+        """Side of the square input image in pixels."""
+
+    @property
+    def num_tokens(self) -> int:
+        h, w = self.grid
+        return h * w
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        return CLIP_MEAN
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        return CLIP_STD
+
+    def image_transform(self, aspect: str = "pad") -> Callable[[Image.Image], Tensor]:
+        return ImageTransform(self.image_size, self.image_mean, self.image_std, aspect)
+
+    @abstractmethod
+    def forward(self, images: Tensor) -> Tensor:
+        """images: (B, 3, S, S) as produced by ``image_transform`` -> (B, h*w, embed_dim)."""
+
+    def frozen_modules(self) -> Iterator[nn.Module]:
+        """Submodules holding pretrained weights that never train (kept in eval mode, not checkpointed)."""
+        return iter(())
+
+    def freeze_pretrained(self) -> None:
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+            module.eval()
+
+    def train(self, mode: bool = True) -> VisualEncoder:
+        # Lightning calls model.train() at the start of every fit loop; frozen towers must keep their
+        # eval behaviour (dropout off, norm statistics fixed) or features differ between train and eval.
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+
+ENCODERS: dict[str, type[VisualEncoder]] = {}
+
+
+def register_encoder(name: str) -> Callable[[type[VisualEncoder]], type[VisualEncoder]]:
+    """Class decorator adding an encoder to the registry under ``name``."""
+
+    def add(cls: type[VisualEncoder]) -> type[VisualEncoder]:
+        if name in ENCODERS and ENCODERS[name] is not cls:
+            raise ValueError(f"encoder name {name!r} is already registered by {ENCODERS[name].__name__}")
+        ENCODERS[name] = cls
+        return cls
+
+    return add
+
+
+def encoder_class(name: str) -> type[VisualEncoder]:
+    """Look an encoder class up by registry name, with a one-line error listing the known names."""
+    import encoders  # noqa: F401  (importing the package registers the built-in encoders)
+
+    try:
+        return ENCODERS[name]
+    except KeyError:
+        raise ValueError(f"unknown encoder {name!r}; expected one of {sorted(ENCODERS)}") from None
+
+
+def build_encoder(config: Any) -> VisualEncoder:
+    """Build the encoder named by ``config.name`` from its config section (a dataclass or mapping)."""
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"encoder config must be a dataclass instance, got {type(config).__name__}")
+    return encoder_class(config.name)(config)
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Build random-initialised modules reproducibly, without touching the caller's RNG stream.
+
+    Frozen weights never go into checkpoints, so a randomly initialised frozen tower (the tiny default
+    models) must come out identical every time the run is rebuilt from its config.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -1,0 +1,260 @@
+"""The run configuration: typed dataclasses that are the schema, and loading YAML + overrides into them.
+
+``load_config(files, overrides)`` reads YAML files with OmegaConf (a file may name base files under
+``extends:``), applies group selections (``encoder=fused_tiny`` merges ``configs/encoder/fused_tiny.yaml``)
+and dotted overrides (``stages.pretrain.max_steps=10``), resolves interpolations, and builds a
+``TrainConfig``. Every key is checked against the dataclasses before any work starts: an unknown key or a
+value of the wrong type stops with one line naming the key and, for a typo, the nearest valid key. The
+``encoder:`` section is checked against the ``Config`` of the encoder its ``name`` selects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from datamodules.shapes import ShapesWorldConfig
+from encoders.base import encoder_class
+from encoders.clip import ClipEncoderConfig
+from lmm.llm import LLMConfig
+from lmm.model import StageConfig
+from lmm.projector import ProjectorConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that does not fit the schema; the message is one line naming the key."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    root: str = "data/shapes"
+    #: Generate the synthetic shapes world into ``root`` when it is missing (None: real data, never generate).
+    shapes: ShapesWorldConfig | None = None
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    gradient_clip_val: float | None = 1.0
+    log_every_n_steps: int = 10
+    deterministic: bool = False
+    progress_bar: bool = True
+
+
+@dataclasses.dataclass
+class QAEvalConfig:
+    """Question answering on held-out images after the instruction stage (the shapes world's val_qa.json)."""
+
+    questions: str | None = None  # relative to data.root unless absolute; None = skip
+    template: str = "vicuna_v1"
+    aspect: str = "pad"
+    batch_size: int = 32
+    max_new_tokens: int = 12
+    limit: int | None = None
+    show: int = 6
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    run_name: str = "run"
+    runs_dir: str = "runs"
+    seed: int = 0
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    encoder: Any = dataclasses.field(default_factory=ClipEncoderConfig)  # the selected encoder's Config
+    projector: ProjectorConfig = dataclasses.field(default_factory=ProjectorConfig)
+    llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
+    stages: dict[str, StageConfig] = dataclasses.field(default_factory=dict)
+    run_stages: list[str] = dataclasses.field(default_factory=lambda: ["pretrain", "instruct"])
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    qa_eval: QAEvalConfig = dataclasses.field(default_factory=QAEvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run_name
+
+    def __post_init__(self) -> None:
+        for name in self.run_stages:
+            if name not in self.stages:
+                raise ConfigError(
+                    f"run_stages names {name!r}, which is not under stages: {sorted(self.stages)}"
+                )
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_config(files: list[str] | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML files (default: configs/default.yaml) + ``group=name`` selections + ``dotted.key=value``."""
+    paths = [Path(f) for f in files] if files else [DEFAULT_CONFIG]
+    merged = OmegaConf.create()
+    for path in paths:
+        merged = OmegaConf.merge(merged, _load_yaml(path, seen=()))
+    dotted = []
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        group = CONFIG_DIR / key
+        if "." not in key and group.is_dir():
+            fragment = group / f"{value}.yaml"
+            if not fragment.is_file():
+                choices = sorted(p.stem for p in group.glob("*.yaml"))
+                raise ConfigError(f"{key}={value}: no {fragment}; expected one of {choices}")
+            merged = OmegaConf.merge(merged, _load_yaml(fragment, seen=()))
+        else:
+            dotted.append(item)
+    if dotted:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotted))
+    try:
+        data = OmegaConf.to_container(merged, resolve=True)
+    except Exception as err:  # interpolation errors carry multi-line context
+        raise ConfigError(str(err).splitlines()[0]) from None
+    return config_from_dict(data)
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...]) -> Any:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' cycle through {[str(p) for p in seen]}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    bases = node.pop("extends", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    merged = OmegaConf.create()
+    for base in bases:
+        merged = OmegaConf.merge(merged, _load_yaml(path.parent / base, seen + (path,)))
+    return OmegaConf.merge(merged, node)
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("the configuration is not a mapping")
+    return _build(TrainConfig, data, "")
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(config_to_dict(config)), path)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {_kind(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for key, value in data.items():
+        if cls is TrainConfig and key == "encoder":
+            kwargs[key] = _build_encoder_section(value, prefix + key)
+        else:
+            kwargs[key] = _coerce(hints[key], value, prefix + key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+
+
+def _build_encoder_section(value: Any, key: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a mapping with a 'name', got {_kind(value)}")
+    name = value.get("name", "clip")
+    try:
+        cls = encoder_class(name)
+    except ValueError as err:
+        raise ConfigError(f"{key}.name: {err}") from None
+    return _build(cls.Config, {**value, "name": name}, key + ".")
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key} must not be null")
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {_kind(value)}")
+        return [_coerce(args[0], v, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {_kind(value)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{key}.{i}") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key} must have {len(args)} items, got {len(value)}")
+        return tuple(_coerce(a, v, f"{key}.{i}") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {_kind(value)}")
+        return {k: _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if value is None:
+        raise ConfigError(f"{key} must not be null (expected {getattr(hint, '__name__', hint)})")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-3" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported schema type {hint}")
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__

@@ -1,0 +1,275 @@
+"""The LMM LightningModule: visual encoder -> projector -> LLM, trained stage by stage.
+
+Visual tokens are written into the ``<image>`` slots of the token sequence (the batch already holds one
+slot per visual token), so image and text-only samples share a batch and every sample's image span is
+known exactly (attend-and-segment needs it). ``configure_stage`` applies a stage's freezing (projector,
+the encoder's own trainable parts, the LLM frozen / full / LoRA) and logs what trains. Checkpoints keep
+only trainable parameters plus the run config; loading checks that nothing trainable is missing and that
+no key is foreign. ``generate`` runs batched, left-padded generation from images and prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from encoders.base import VisualEncoder, build_encoder
+from lmm.llm import LLMBackbone, LLMConfig, LoraConfig
+from lmm.preprocess import IGNORE_INDEX
+from lmm.projector import Projector, ProjectorConfig
+
+log = logging.getLogger(__name__)
+
+LLM_MODES = ("frozen", "full", "lora")
+
+
+@dataclasses.dataclass
+class StageConfig:
+    """Schema of one entry of ``stages:``. Defaults are LLaVA-1.5's pretraining stage."""
+
+    data: str = "pretrain"  # shard folder, relative to data.root unless absolute
+    template: str = "plain"
+    aspect: str = "crop"
+    llm: str = "frozen"  # frozen | full | lora
+    train_projector: bool = True
+    train_encoder: bool = True  # the encoder's own trainable parts (DiffLMM's captioner and fused block)
+    lr: float = 1e-3
+    projector_lr: float | None = None  # default: lr
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    global_batch_size: int = 256
+    micro_batch_size: int = 16
+    max_steps: int | None = None  # optimizer steps; None = epochs over the shards' sample count
+    epochs: float = 1.0
+    max_length: int = 2048
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    checkpoint_every_n_steps: int = 200
+
+
+@dataclasses.dataclass
+class PromptBatch:
+    """Left-padded generation inputs; ``image_spans[b]`` = (start, end) of sample b's visual tokens or None."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    image_spans: list[tuple[int, int] | None]
+    images: Tensor | None
+
+
+class LMM(L.LightningModule):
+    def __init__(self, encoder: Any, projector: ProjectorConfig, llm: LLMConfig) -> None:
+        super().__init__()
+        self.encoder: VisualEncoder = build_encoder(encoder)
+        self.llm = LLMBackbone(llm)
+        self.projector = Projector(projector, self.encoder.embed_dim, self.llm.width, self.encoder.num_tokens)
+        self.stage: StageConfig | None = None
+        self.stage_name: str | None = None
+        self.run_config: dict | None = None  # saved into every checkpoint by train.py's wiring
+        # Frozen weights are rebuilt from their source (weight files or seeds), not from checkpoints.
+        self.strict_loading = False
+
+    # ----------------------------------------------------------------------------------------- stages
+    def configure_stage(self, name: str, stage: StageConfig) -> None:
+        if stage.llm not in LLM_MODES:
+            raise ValueError(f"stages.{name}.llm = {stage.llm!r}; expected one of {LLM_MODES}")
+        self.stage, self.stage_name = stage, name
+        self.encoder.requires_grad_(stage.train_encoder)
+        self.encoder.freeze_pretrained()
+        self.projector.requires_grad_(stage.train_projector)
+        if stage.llm == "lora":
+            self.llm.enable_lora(stage.lora)
+        self.llm.set_trainable(stage.llm)
+        log.info("stage %s trains:\n%s", name, self.trainable_summary())
+
+    def trainable_summary(self) -> str:
+        rows = []
+        for part in ("encoder", "projector", "llm"):
+            params = list(getattr(self, part).parameters())
+            total = sum(p.numel() for p in params)
+            train = sum(p.numel() for p in params if p.requires_grad)
+            rows.append(f"  {part:<10} {train:>14,} / {total:>14,} trainable")
+        return "\n".join(rows)
+
+    # ---------------------------------------------------------------------------------------- forward
+    def visual_tokens(self, images: Tensor) -> Tensor:
+        return self.projector(self.encoder(images))
+
+    def embed_inputs(self, input_ids: Tensor, images: Tensor | None) -> Tensor:
+        embeds = self.llm.embed(input_ids)
+        slots = input_ids == self.llm.image_token_id
+        n_slots = int(slots.sum())
+        n_images = 0 if images is None else images.shape[0]
+        if n_slots != n_images * self.encoder.num_tokens:
+            raise ValueError(
+                f"batch has {n_slots} image-token slots but {n_images} images x {self.encoder.num_tokens} tokens"
+            )
+        if n_images:
+            visual = self.visual_tokens(images).to(embeds.dtype)
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), visual)
+        return embeds
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        images: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> Any:
+        embeds = self.embed_inputs(input_ids, images)
+        return self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self(batch["input_ids"], batch["attention_mask"], batch.get("images"), batch["labels"])
+        n = batch["input_ids"].shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
+        self.log(
+            "train/target_tokens",
+            (batch["labels"] != IGNORE_INDEX).sum().float(),
+            batch_size=n,
+            reduce_fx="sum",
+        )
+        return out.loss
+
+    # -------------------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> Any:
+        from transformers import get_cosine_schedule_with_warmup
+
+        if self.stage is None:
+            raise RuntimeError("configure_stage() must run before fitting")
+        stage = self.stage
+        groups: dict[tuple[float, float], list[Tensor]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            lr = (
+                stage.projector_lr
+                if name.startswith("projector.") and stage.projector_lr is not None
+                else stage.lr
+            )
+            # As HF Trainer does for LLaVA: no weight decay on biases and norm weights.
+            decay = stage.weight_decay if param.ndim >= 2 else 0.0
+            groups.setdefault((lr, decay), []).append(param)
+        if not groups:
+            raise RuntimeError(f"stage {self.stage_name} has nothing to train")
+        optimizer = torch.optim.AdamW(
+            [{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()],
+            betas=(0.9, 0.999),
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(stage.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def trainable_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["lmm"] = {"stage": self.stage_name, "config": self.run_config}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_keys(self, checkpoint["state_dict"], checkpoint.get("lmm", {}).get("stage"))
+
+    # ------------------------------------------------------------------------------------- generation
+    def prepare_prompts(self, prompts: Sequence[str], images: Sequence[Tensor | None]) -> PromptBatch:
+        """Tokenise chat-formatted prompts (each with at most one ``<image>``), expand and left-pad them."""
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+        tok = self.llm.tokenizer
+        image_id, n_visual = self.llm.image_token_id, self.encoder.num_tokens
+        rows = []
+        for prompt, image in zip(prompts, images, strict=True):
+            ids = tok(prompt, add_special_tokens=True)["input_ids"]
+            count = ids.count(image_id)
+            if count != (0 if image is None else 1):
+                raise ValueError(
+                    f"prompt has {count} <image> tokens but {'no' if image is None else 'one'} image"
+                )
+            if count:
+                i = ids.index(image_id)
+                ids = ids[:i] + [image_id] * n_visual + ids[i + 1 :]
+            rows.append(ids)
+        length = max(map(len, rows))
+        input_ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        spans: list[tuple[int, int] | None] = []
+        for b, ids in enumerate(rows):
+            offset = length - len(ids)
+            input_ids[b, offset:] = torch.tensor(ids)
+            attention_mask[b, offset:] = 1
+            spans.append(
+                (offset + ids.index(image_id), offset + ids.index(image_id) + n_visual)
+                if image_id in ids
+                else None
+            )
+        present = [im for im in images if im is not None]
+        stacked = torch.stack(list(present)) if present else None
+        return PromptBatch(
+            input_ids.to(self.device),
+            attention_mask.to(self.device),
+            spans,
+            None if stacked is None else stacked.to(self.device),
+        )
+
+    @torch.no_grad()
+    def generate_from(self, batch: PromptBatch, max_new_tokens: int = 64, **kwargs: Any) -> Tensor:
+        """Greedy by default; returns the new tokens (B, T), padded with pad after each sample's EOS."""
+        embeds = self.embed_inputs(batch.input_ids, batch.images)
+        kwargs.setdefault("do_sample", False)
+        return self.llm.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.llm.tokenizer.pad_token_id,
+            eos_token_id=self.llm.tokenizer.eos_token_id,
+            **kwargs,
+        )
+
+    def decode(self, new_tokens: Tensor) -> list[str]:
+        """New tokens -> texts, cut at the first EOS."""
+        eos = self.llm.tokenizer.eos_token_id
+        texts = []
+        for row in new_tokens.tolist():
+            if eos in row:
+                row = row[: row.index(eos)]
+            texts.append(self.llm.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts
+
+    def generate(
+        self, prompts: Sequence[str], images: Sequence[Tensor | None], max_new_tokens: int = 64, **kwargs: Any
+    ) -> list[str]:
+        was_training = self.training
+        self.eval()
+        try:
+            batch = self.prepare_prompts(prompts, images)
+            return self.decode(self.generate_from(batch, max_new_tokens, **kwargs))
+        finally:
+            self.train(was_training)
+
+
+def check_checkpoint_keys(model: LMM, state_dict: dict[str, Tensor], stage: str | None) -> None:
+    """One-line errors for a checkpoint that does not fit the model as configured for its stage."""
+    own = dict(model.named_parameters())
+    foreign = sorted(k for k in state_dict if k not in own)
+    if foreign:
+        raise ValueError(
+            f"checkpoint (stage {stage}) has {len(foreign)} keys the model lacks, e.g. {foreign[0]!r}"
+        )
+    missing = sorted(model.trainable_keys() - state_dict.keys())
+    if missing:
+        raise ValueError(
+            f"checkpoint (stage {stage}) lacks {len(missing)} trainable weights, e.g. {missing[0]!r}"
+        )
+    for k, v in state_dict.items():
+        if own[k].shape != v.shape:
+            raise ValueError(
+                f"checkpoint key {k!r} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}"
+            )

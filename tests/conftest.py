@@ -1,0 +1,66 @@
+"""Shared pytest setup: offline Hugging Face hub, deterministic seeds, and small CPU thread counts."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
+
+
+TINY_WORLD = dict(n_pretrain=96, n_instruct=96, n_val=6, n_val_qa=12, samples_per_shard=40)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A small shapes world (real generator, tiny counts), generated once per test session."""
+    from datamodules.shapes import ShapesWorldConfig, generate_world
+
+    root = tmp_path_factory.mktemp("shapes")
+    generate_world(ShapesWorldConfig(**TINY_WORLD), root)
+    return root
+
+
+def tiny_overrides(world, run_root, run_name="t", steps=(4, 4)):
+    """Overrides that shrink configs/default.yaml to a seconds-long CPU run on ``world``."""
+    return [
+        f"data.root={world}",
+        "data.shapes=null",
+        "data.num_workers=0",
+        "data.shuffle_buffer=16",
+        f"runs_dir={run_root}",
+        f"run_name={run_name}",
+        "encoder.image_size=32",
+        "encoder.width=64",
+        "encoder.layers=2",
+        "encoder.head_width=32",
+        "llm.hidden_size=64",
+        "llm.num_layers=2",
+        "llm.num_heads=2",
+        "llm.intermediate_size=128",
+        f"stages.pretrain.max_steps={steps[0]}",
+        f"stages.instruct.max_steps={steps[1]}",
+        "stages.pretrain.global_batch_size=8",
+        "stages.pretrain.micro_batch_size=8",
+        "stages.instruct.global_batch_size=8",
+        "stages.instruct.micro_batch_size=4",
+        "stages.pretrain.checkpoint_every_n_steps=2",
+        "stages.instruct.checkpoint_every_n_steps=2",
+        "trainer.progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        "qa_eval.limit=4",
+        "qa_eval.max_new_tokens=3",
+    ]
+
+
+@pytest.fixture
+def tiny_args(tiny_world, tmp_path):
+    return lambda **kw: tiny_overrides(tiny_world, tmp_path / "runs", **kw)

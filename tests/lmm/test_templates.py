@@ -1,0 +1,208 @@
+"""Label masks of both templates against hand-written token/label arrays (multi-turn, text-only, truncation)."""
+
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.shards import SkipSample
+from datamodules.word_tokenizer import build_word_tokenizer
+from lmm.preprocess import IGNORE_INDEX, SampleEncoder, collate, token_labels
+from lmm.templates import ConversationError, get_template
+
+CORPUS = ["What color is it?", "Red.", "Is it a circle?", "Yes.", "A red circle.", "Describe the image."]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_word_tokenizer(CORPUS)
+
+
+def _encoder(tok, template, n_image=4, max_length=512):
+    return SampleEncoder(tok, get_template(template), n_image, max_length, lambda im: torch.zeros(3, 8, 8))
+
+
+def _tokens(tok, ids):
+    return tok.convert_ids_to_tokens(ids.tolist())
+
+
+def _targets(tok, sample):
+    """The token strings that carry loss, in order."""
+    ids, labels = sample["input_ids"], sample["labels"]
+    assert torch.equal(labels[labels != IGNORE_INDEX], ids[labels != IGNORE_INDEX])
+    return tok.convert_ids_to_tokens(ids[labels != IGNORE_INDEX].tolist())
+
+
+def test_plain_template_masks_bos_and_image(tok):
+    record = {
+        "conversations": [
+            {"from": "human", "value": "Describe the image.\n<image>"},
+            {"from": "gpt", "value": "A red circle."},
+        ]
+    }
+    sample = _encoder(tok, "plain", n_image=3)(record, Image.new("RGB", (8, 8)))
+    assert _tokens(tok, sample["input_ids"]) == [
+        "<s>",
+        "<image>",
+        "<image>",
+        "<image>",
+        "A",
+        "▁red",
+        "▁circle",
+        ".",
+        "\n",
+    ]
+    assert sample["labels"][:4].tolist() == [IGNORE_INDEX] * 4
+    assert _targets(tok, sample) == ["A", "▁red", "▁circle", ".", "\n"]
+    assert sample["image"].shape == (3, 8, 8)
+
+
+def test_vicuna_multi_turn_labels_each_reply_and_its_eos(tok):
+    record = {
+        "conversations": [
+            {
+                "from": "human",
+                "value": "What color is it?\n<image>",
+            },  # placeholder moved to the front, as LLaVA does
+            {"from": "gpt", "value": "Red."},
+            {"from": "human", "value": "Is it a circle?"},
+            {"from": "gpt", "value": "Yes."},
+        ]
+    }
+    sample = _encoder(tok, "vicuna_v1", n_image=2)(record, Image.new("RGB", (8, 8)))
+    tokens = _tokens(tok, sample["input_ids"])
+    start = tokens.index("▁USER")
+    assert tokens[start:] == [
+        "▁USER",
+        ":",
+        "▁",
+        "<image>",
+        "<image>",
+        "\n",
+        "What",
+        "▁color",
+        "▁is",
+        "▁it",
+        "?",
+        "▁ASSISTANT",
+        ":",
+        "▁Red",
+        ".",
+        "</s>",
+        "USER",
+        ":",
+        "▁Is",
+        "▁it",
+        "▁a",
+        "▁circle",
+        "?",
+        "▁ASSISTANT",
+        ":",
+        "▁Yes",
+        ".",
+        "</s>",
+    ]
+    expected = [False] * (start + 13) + [True] * 3 + [False] * 9 + [True] * 3
+    assert (sample["labels"] != IGNORE_INDEX).tolist() == expected
+    assert "<unk>" not in tokens
+
+
+def test_vicuna_text_only_sample_has_no_image(tok):
+    record = {
+        "conversations": [{"from": "human", "value": "Is it a circle?"}, {"from": "gpt", "value": "Yes."}]
+    }
+    sample = _encoder(tok, "vicuna_v1")(record, None)
+    assert "image" not in sample
+    assert tok.convert_tokens_to_ids("<image>") not in sample["input_ids"].tolist()
+    assert _targets(tok, sample) == ["▁Yes", ".", "</s>"]
+
+
+def test_truncation_keeps_the_first_reply_and_cuts_the_second(tok):
+    record = {
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is it?"},
+            {"from": "gpt", "value": "Red."},
+            {"from": "human", "value": "Is it a circle?"},
+            {"from": "gpt", "value": "Yes."},
+        ]
+    }
+    full = _encoder(tok, "vicuna_v1", n_image=2)(record, Image.new("RGB", (8, 8)))
+    cut = len(full["input_ids"]) - 2  # drops "." and "</s>" of the second reply
+    sample = _encoder(tok, "vicuna_v1", n_image=2, max_length=cut)(record, Image.new("RGB", (8, 8)))
+    assert len(sample["input_ids"]) == cut
+    assert _targets(tok, sample) == ["▁Red", ".", "</s>", "▁Yes"]
+
+
+def test_truncation_that_leaves_nothing_to_learn_skips(tok):
+    record = {
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is it?"},
+            {"from": "gpt", "value": "Red."},
+        ]
+    }
+    with pytest.raises(SkipSample) as err:
+        _encoder(tok, "vicuna_v1", n_image=16, max_length=40)(record, Image.new("RGB", (8, 8)))
+    assert err.value.kind == "too_long"
+
+
+@pytest.mark.parametrize(
+    "conversation",
+    [
+        [{"from": "human", "value": "<image>\nWhat color is it?"}],  # no assistant turn
+        [{"from": "gpt", "value": "Red."}, {"from": "gpt", "value": "Red."}],
+        [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "   "}],
+        "not a list",
+    ],
+)
+def test_unusable_conversations_are_skipped(tok, conversation):
+    with pytest.raises(SkipSample) as err:
+        _encoder(tok, "vicuna_v1")({"conversations": conversation}, Image.new("RGB", (8, 8)))
+    assert err.value.kind == "bad_conversation"
+
+
+def test_record_naming_an_image_it_lacks_is_skipped(tok):
+    record = {
+        "image": "x.jpg",
+        "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Red."}],
+    }
+    with pytest.raises(SkipSample) as err:
+        _encoder(tok, "vicuna_v1")(record, None)
+    assert err.value.kind == "missing_image"
+
+
+def test_token_labels_ignores_the_space_a_token_carries():
+    text = "ab: cd"
+    assert token_labels(text, [(0, 2), (2, 3), (3, 6)], [(4, 6)]) == [False, False, True]
+    assert token_labels(text, [(0, 0)], [(0, 6)]) == [False]  # BOS-like empty span
+    assert token_labels("a\n", [(0, 1), (1, 2)], [(0, 2)]) == [True, True]  # whitespace-only token
+
+
+def test_prompt_ends_where_training_text_starts_the_reply():
+    chat = get_template("vicuna_v1")
+    rendered = chat.render([{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}], has_image=True)
+    prompt = chat.prompt("Q?", has_image=True)
+    assert rendered.text.startswith(prompt)
+    assert rendered.text[rendered.target_spans[0][0] - 1] == " "
+    with pytest.raises(ConversationError):
+        get_template("plain").render(
+            [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}], has_image=False
+        )
+
+
+def test_collate_pads_right_and_stacks_only_present_images(tok):
+    enc = _encoder(tok, "vicuna_v1", n_image=2)
+    a = enc(
+        {
+            "conversations": [
+                {"from": "human", "value": "<image>\nIs it a circle?"},
+                {"from": "gpt", "value": "Yes."},
+            ]
+        },
+        Image.new("RGB", (8, 8)),
+    )
+    b = enc({"conversations": [{"from": "human", "value": "Is it?"}, {"from": "gpt", "value": "Red."}]}, None)
+    batch = collate([b, a], pad_token_id=tok.pad_token_id)
+    assert batch["images"].shape == (1, 3, 8, 8)
+    n_b = len(b["input_ids"])
+    assert batch["attention_mask"][0].tolist() == [1] * n_b + [0] * (batch["input_ids"].shape[1] - n_b)
+    assert (batch["input_ids"][0, n_b:] == tok.pad_token_id).all()
+    assert (batch["labels"][0, n_b:] == IGNORE_INDEX).all()
