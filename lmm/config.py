@@ -30,6 +30,10 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 
+#: Sections whose ``name`` picks a class from a registry (and with it the section's schema).
+REGISTRY_SECTIONS = ("encoder",)
+
+
 class ConfigError(ValueError):
     """A configuration that does not fit the schema; the message is one line naming the key."""
 
@@ -101,7 +105,7 @@ def load_config(files: list[str] | None = None, overrides: list[str] | None = No
     paths = [Path(f) for f in files] if files else [DEFAULT_CONFIG]
     merged = OmegaConf.create()
     for path in paths:
-        merged = OmegaConf.merge(merged, _load_yaml(path, seen=()))
+        merged = _merge(merged, _load_yaml(path, seen=()))
     dotted = []
     for item in overrides or []:
         key, sep, value = item.partition("=")
@@ -113,11 +117,11 @@ def load_config(files: list[str] | None = None, overrides: list[str] | None = No
             if not fragment.is_file():
                 choices = sorted(p.stem for p in group.glob("*.yaml"))
                 raise ConfigError(f"{key}={value}: no {fragment}; expected one of {choices}")
-            merged = OmegaConf.merge(merged, _load_yaml(fragment, seen=()))
+            merged = _merge(merged, _load_yaml(fragment, seen=()))
         else:
             dotted.append(item)
     if dotted:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotted))
+        merged = _merge(merged, OmegaConf.from_dotlist(dotted))
     try:
         data = OmegaConf.to_container(merged, resolve=True)
     except Exception as err:  # interpolation errors carry multi-line context
@@ -140,8 +144,22 @@ def _load_yaml(path: Path, seen: tuple[Path, ...]) -> Any:
         bases = [bases]
     merged = OmegaConf.create()
     for base in bases:
-        merged = OmegaConf.merge(merged, _load_yaml(path.parent / base, seen + (path,)))
-    return OmegaConf.merge(merged, node)
+        merged = _merge(merged, _load_yaml(path.parent / base, seen + (path,)))
+    return _merge(merged, node)
+
+
+def _merge(base: Any, update: Any) -> Any:
+    """OmegaConf merge, except that a section choosing a different registry entry replaces the old one.
+
+    Switching ``encoder.name`` from clip to diffusion must not carry CLIP-only keys into the diffusion
+    section, where they would be unknown keys.
+    """
+    for section in REGISTRY_SECTIONS:
+        new_name = OmegaConf.select(update, f"{section}.name", default=None)
+        old_name = OmegaConf.select(base, f"{section}.name", default=None)
+        if new_name is not None and new_name != old_name and section in base:
+            base = OmegaConf.masked_copy(base, [k for k in base if k != section])
+    return OmegaConf.merge(base, update)
 
 
 def config_from_dict(data: dict) -> TrainConfig:
@@ -166,8 +184,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            near = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else f"; valid keys: {', '.join(fields)}"
+            near = _nearest(str(key), list(fields))
+            hint = f" (did you mean '{prefix}{near}'?)" if near else f"; valid keys: {', '.join(fields)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
     kwargs = {}
     for key, value in data.items():
@@ -254,6 +272,15 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key} must be a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported schema type {hint}")
+
+
+def _nearest(key: str, valid: list[str]) -> str | None:
+    """The valid key a typo most likely meant: a close spelling, else the longest key it starts with."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    prefixes = [v for v in valid if key.startswith(v) or v.startswith(key)]
+    return max(prefixes, key=len) if prefixes else None
 
 
 def _kind(value: Any) -> str:

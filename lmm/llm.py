@@ -53,6 +53,10 @@ class LLMBackbone(L.LightningModule):
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
         self.config = config
+        if config.path is not None and not (Path(config.path) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"llm.path {config.path} is not a Hugging Face model folder (no config.json)"
+            )
         tokenizer_path = config.tokenizer or config.path
         if tokenizer_path is None:
             raise ValueError("llm.tokenizer (or llm.path) must name a local tokenizer folder")

@@ -1,0 +1,111 @@
+"""The shard stream: batches mix image and text-only samples; bad data is skipped, counted, never unpickled."""
+
+import io
+import json
+import pickle
+import tarfile
+from functools import partial
+
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.shards import ShardDataModule, ShardIndex, SkipSample, decode_sample
+from datamodules.word_tokenizer import build_word_tokenizer
+from lmm.preprocess import SampleEncoder, collate
+from lmm.templates import get_template
+
+
+def _png(color=(255, 0, 0)):
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 10), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _record(i, image=True):
+    first = ("<image>\n" if image else "") + "What color is it?"
+    return {"id": str(i), "conversations": [{"from": "human", "value": first}, {"from": "gpt", "value": "Red."}]}
+
+
+def _write_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    good = []
+    for i in range(6):
+        good += [(f"{i:03d}.json", json.dumps(_record(i, image=i % 3 != 0)).encode())]
+        if i % 3 != 0:
+            good += [(f"{i:03d}.png", _png())]
+    bad = [
+        ("100.json", json.dumps(_record(100)).encode()), ("100.png", b"\x89PNG not really"),  # corrupt image
+        ("101.json", b"{not json"),  # malformed JSON
+        ("102.json", json.dumps({"id": "102", "conversations": [{"from": "human", "value": "hi"}]}).encode()),
+        ("103.json", json.dumps(_record(103, image=False)).encode()), ("103.pyd", pickle.dumps(_Exploit())),
+    ]
+    _write_tar(tmp_path / "shard-000000.tar", good + bad)
+    _write_tar(tmp_path / "shard-000001.tar", good)
+    truncated = (tmp_path / "shard-000001.tar").read_bytes()
+    (tmp_path / "shard-000002.tar").write_bytes(truncated[:3000])  # cut inside a member
+    index = {"num_samples": 22, "shards": [{"url": f"shard-00000{i}.tar", "num_samples": n} for i, n in enumerate((10, 6, 6))]}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    return tmp_path
+
+
+def _module(shard_dir, batch_size=4):
+    tok = build_word_tokenizer(["What color is it?", "Red.", "hi"])
+    encode = SampleEncoder(tok, get_template("vicuna_v1"), 4, 128, lambda im: torch.zeros(3, 8, 8))
+    return ShardDataModule(shard_dir, encode, partial(collate, pad_token_id=tok.pad_token_id), batch_size,
+                           num_workers=0, seed=1, shuffle_buffer=8), tok
+
+
+def test_stream_skips_and_counts_bad_samples_and_never_unpickles(shard_dir, monkeypatch):
+    monkeypatch.chdir(shard_dir)
+    dm, tok = _module(shard_dir)
+    batches = []
+    for batch in dm.train_dataloader():
+        batches.append(batch)
+        if len(batches) == 12:  # a few epochs over the three shards
+            break
+    skipped = {}
+    for b in batches:
+        for kind, n in b["skipped"].items():
+            skipped[kind] = skipped.get(kind, 0) + n
+    assert skipped.get("corrupt_image", 0) >= 1 and skipped.get("bad_json", 0) >= 1
+    assert skipped.get("bad_conversation", 0) >= 1 and skipped.get("corrupt_shard", 0) >= 1
+    assert not (shard_dir / "PWNED").exists(), "a pickle member in a shard must never be loaded"
+    image_id = tok.convert_tokens_to_ids("<image>")
+    mixed = [b for b in batches if "images" in b and (b["input_ids"] == image_id).sum(1).eq(0).any()]
+    assert mixed, "image and text-only samples share batches"
+    for b in batches:
+        n_images = 0 if "images" not in b else b["images"].shape[0]
+        assert int((b["input_ids"] == image_id).sum()) == 4 * n_images
+
+
+def test_decode_sample_reports_the_bad_member():
+    with pytest.raises(SkipSample) as err:
+        decode_sample({"__key__": "k", "json": b"[1, 2", "png": _png()})
+    assert err.value.kind == "bad_json"
+    with pytest.raises(SkipSample) as err:
+        decode_sample({"__key__": "k", "json": json.dumps(_record(1)).encode(), "png": b"garbage"})
+    assert err.value.kind == "corrupt_image"
+    record, image = decode_sample({"__key__": "k", "json": json.dumps(_record(1)).encode(), "png": _png()})
+    assert image.size == (12, 10) and record["id"] == "1"
+
+
+def test_index_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="index.json does not exist"):
+        ShardIndex.load(tmp_path)
+    (tmp_path / "index.json").write_text("{}")
+    with pytest.raises(ValueError, match="index.json is malformed"):
+        ShardIndex.load(tmp_path)
