@@ -59,8 +59,13 @@ def fixed_batch(model, root: Path, stage) -> dict:
 
     from datamodules.shards import ShardIndex, decode_sample
 
-    encode = SampleEncoder(model.llm.tokenizer, get_template(stage.template), model.encoder.num_tokens,
-                           stage.max_length, model.encoder.image_transform(stage.aspect))
+    encode = SampleEncoder(
+        model.llm.tokenizer,
+        get_template(stage.template),
+        model.encoder.num_tokens,
+        stage.max_length,
+        model.encoder.image_transform(stage.aspect),
+    )
     index = ShardIndex.load(root / stage.data)
     samples = []
     for raw in wds.tariterators.tarfile_samples([{"url": index.urls[0]}]):
@@ -95,9 +100,16 @@ def bare_loop(model, batch: dict, steps: int, warmup: int, clip: float | None) -
 def lightning_loop(model, batch: dict, steps: int, warmup: int, clip: float | None) -> float:
     timer = StepTimer()
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps + warmup, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=clip, callbacks=[timer],
-        num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="cpu",
+        max_steps=steps + warmup,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=clip,
+        callbacks=[timer],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     trainer.fit(model, DataLoader(RepeatBatch(batch, steps + warmup), batch_size=None))
     gaps = [b - a for a, b in zip(timer.starts[warmup:], timer.starts[warmup + 1 :], strict=False)]
@@ -129,8 +141,10 @@ def main() -> None:
 
     b, lt = statistics.median(bare), statistics.median(light)
     tokens = batch["input_ids"].numel()
-    print(f"\nstage {args.stage}: batch {tuple(batch['input_ids'].shape)} ({tokens} tokens), "
-          f"torch threads {torch.get_num_threads()}, {args.rounds} rounds x {args.steps} steps")
+    print(
+        f"\nstage {args.stage}: batch {tuple(batch['input_ids'].shape)} ({tokens} tokens), "
+        f"torch threads {torch.get_num_threads()}, {args.rounds} rounds x {args.steps} steps"
+    )
     print(f"{'loop':<12}{'ms/step (median)':>18}{'all rounds (ms)':>28}")
     print(f"{'bare torch':<12}{b * 1e3:>18.1f}{'  '.join(f'{x * 1e3:.1f}' for x in bare):>28}")
     print(f"{'lightning':<12}{lt * 1e3:>18.1f}{'  '.join(f'{x * 1e3:.1f}' for x in light):>28}")

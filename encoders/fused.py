@@ -1,0 +1,82 @@
+"""DiffLMM's fused encoder: diffusion-U-Net features and CLIP features concatenated on the same token grid.
+
+The front half of DiffLMM's projector block lives here because it works on the feature maps: the U-Net's
+``up_blocks[1]`` output (1280 channels for SD-1.5) -> LayerNorm over channels -> 1x1 conv to ``dm_dim``
+-> GELU, concatenated on channels with the CLIP patch features (1024) at the same 24x24 grid and flattened
+to tokens of width ``clip width + dm_dim`` (CLIP channels first). The CLIP features are computed once
+and shared with the implicit captioner. DiffLMM sets ``dm_dim = d / 4``, d the LLM's width (1024 for
+Vicuna-7B's 4096; 32 for the tiny default LLM's 128): an ordinary config field, since encoders never read
+the LLM's config. The back half (Linear -> GELU -> Linear to d, plus a learnable N x d positional
+embedding) is the project's projector ``mlp2x_gelu`` with ``positional_embedding: true``, which every
+fused config sets. Trainable here: the captioner, the LayerNorm and the conv; the VAE, U-Net and CLIP
+stay frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from encoders.base import VisualEncoder, register_encoder, seeded_init
+from encoders.diffusion import DiffusionEncoder, DiffusionEncoderConfig
+
+
+@dataclasses.dataclass
+class FusedEncoderConfig(DiffusionEncoderConfig):
+    """Schema of ``encoder:`` when ``name: fused``: the diffusion encoder's fields plus ``dm_dim``."""
+
+    name: str = "fused"
+    #: Width the diffusion features are reduced to before the concatenation; DiffLMM: LLM width / 4.
+    dm_dim: int = 1024
+
+
+@register_encoder("fused")
+class FusedEncoder(VisualEncoder):
+    Config = FusedEncoderConfig
+
+    def __init__(self, config: FusedEncoderConfig) -> None:
+        super().__init__()
+        if config.dm_dim <= 0:
+            raise ValueError(f"encoder.dm_dim must be positive, got {config.dm_dim}")
+        self.config = config
+        self.diffusion = DiffusionEncoder(config)
+        channels = self.diffusion.embed_dim
+        with seeded_init(config.init_seed):
+            self.norm = nn.LayerNorm(channels)
+            self.reduce = nn.Conv2d(channels, config.dm_dim, kernel_size=1)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.diffusion.clip.embed_dim + self.config.dm_dim
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.diffusion.grid
+
+    @property
+    def image_size(self) -> int:
+        return self.diffusion.image_size
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        return self.diffusion.image_mean
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        return self.diffusion.image_std
+
+    def frozen_modules(self) -> Iterator[nn.Module]:
+        return self.diffusion.frozen_modules()
+
+    def forward(self, images: Tensor) -> Tensor:
+        features, clip_tokens = self.diffusion.encode(images)
+        dtype = self.norm.weight.dtype
+        # LayerNorm normalises the last axis, so it runs channels-last before the conv goes back to NCHW.
+        dm = self.norm(features.to(dtype).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        dm = F.gelu(self.reduce(dm))
+        dm_tokens = dm.flatten(2).transpose(1, 2)
+        return torch.cat([clip_tokens.to(dm_tokens.dtype), dm_tokens], dim=-1)
