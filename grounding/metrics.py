@@ -44,6 +44,7 @@ __all__ = [
     "GCGMaskRecall",
     "GreedyMIoU",
     "MaskAP50",
+    "PhrasePointingAccuracy",
     "PNGAverageRecall",
     "PointingAccuracy",
     "ReferringIoU",
@@ -505,6 +506,78 @@ class PointingAccuracy(_Base):
 
     def compute(self) -> Tensor:
         """Pooled accuracy (0.0 with no GT phrases)."""
+        if int(self.total) == 0:
+            return torch.tensor(0.0, dtype=torch.float64)
+        return self.hits.to(torch.float64) / self.total.to(torch.float64)
+
+
+class PhrasePointingAccuracy(_Base):
+    """Pointing accuracy with phrases matched by text: does the phrase's peak point land on the named object?
+
+    Per image, GT phrases and predicted phrases are paired greedily by phrase similarity (highest first, each
+    used once, pairs below ``text_threshold`` never match); a GT phrase scores a hit when its paired prediction's
+    point ``(x, y)`` (floored) lies inside the GT mask. Unlike :class:`PointingAccuracy`, which pairs by mask
+    IoU, a point on the wrong object cannot be credited to that object, so this measures whether attention
+    finds what the text names, independently of the refiner. Denominator: the number of GT phrases. A random
+    point scores the mean GT mask area fraction (the chance level). States: ``hits`` and ``total`` (sum).
+    """
+
+    def __init__(
+        self, similarity: SimilarityFn | None = None, text_threshold: float = 0.5, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.similarity = similarity
+        self.text_threshold = float(text_threshold)
+        self.add_state("hits", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(
+        self,
+        gt_masks: Sequence[MaskLike] | Tensor | np.ndarray,
+        gt_phrases: Sequence[str],
+        pred_phrases: Sequence[str],
+        pred_points: Sequence[Sequence[float] | None],
+        similarity_matrix: np.ndarray | Tensor | None = None,
+    ) -> None:
+        """Add one image. ``similarity_matrix`` (GT phrases x predicted phrases) overrides ``self.similarity``."""
+        gt = _masks(gt_masks, "gt_masks")
+        gt_p = _phrases(gt_phrases, "gt_phrases")
+        pred_p = _phrases(pred_phrases, "pred_phrases")
+        if len(gt_p) != len(gt):
+            raise GroundingInputError(f"gt_phrases: expected {len(gt)} (one per GT mask), got {len(gt_p)}")
+        if len(pred_pts := list(pred_points)) != len(pred_p):
+            raise GroundingInputError(
+                f"pred_points: expected {len(pred_p)} (one per phrase), got {len(pred_pts)}"
+            )
+        if similarity_matrix is not None:
+            sims = np.asarray(torch.as_tensor(similarity_matrix).cpu(), dtype=np.float64)
+        elif not gt_p or not pred_p:
+            sims = np.zeros((len(gt_p), len(pred_p)))
+        elif self.similarity is None:
+            raise GroundingInputError("PhrasePointingAccuracy: no similarity model and no similarity_matrix")
+        else:
+            sims = np.asarray(self.similarity(gt_p, pred_p), dtype=np.float64)
+        if sims.shape != (len(gt_p), len(pred_p)):
+            raise GroundingInputError(
+                f"similarity_matrix: expected shape {(len(gt_p), len(pred_p))}, got {sims.shape}"
+            )
+        sims = np.where(sims >= self.text_threshold, sims, -np.inf)
+        hits = 0
+        while sims.size and np.isfinite(sims.max()):
+            g, p = np.unravel_index(int(np.argmax(sims)), sims.shape)
+            sims[g, :] = -np.inf
+            sims[:, p] = -np.inf
+            point = pred_pts[p]
+            if point is None:
+                continue
+            x, y = math.floor(float(point[0])), math.floor(float(point[1]))
+            h, w = gt[g]["size"]
+            if 0 <= x < w and 0 <= y < h and decode_rle(gt[g])[y, x]:
+                hits += 1
+        self.hits += hits
+        self.total += len(gt)
+
+    def compute(self) -> Tensor:
         if int(self.total) == 0:
             return torch.tensor(0.0, dtype=torch.float64)
         return self.hits.to(torch.float64) / self.total.to(torch.float64)

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from datamodules.shapes import ShapesWorldConfig
 from encoders.base import encoder_class
 from encoders.clip import ClipEncoderConfig
+from grounding.callback import GroundingEvalConfig
 from lmm.llm import LLMConfig
 from lmm.model import StageConfig
 from lmm.projector import ProjectorConfig
@@ -44,7 +45,10 @@ class DataConfig:
     #: Generate the synthetic shapes world into ``root`` when it is missing (None: real data, never generate).
     shapes: ShapesWorldConfig | None = None
     num_workers: int = 1
+    #: Samples are shuffled in blocks of this many within each rank/worker slice of an epoch.
     shuffle_buffer: int = 1000
+    #: Append the sample keys of every consumed batch to runs/<run>/samples/<stage>/rank<r>.jsonl.
+    record_samples: bool = False
 
 
 @dataclasses.dataclass
@@ -58,6 +62,12 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     deterministic: bool = False
     progress_bar: bool = True
+    #: Intra-op CPU threads of the training process (None: torch's default). Tiny models on a few cores
+    #: train faster with 1: more threads spin-wait on each small op, worst when cores are shared.
+    num_threads: int | None = None
+    #: Under SLURM: on SIGUSR1 (sbatch --signal=USR1@90) save hpc_ckpt_<n>.ckpt at the next optimizer step
+    #: and requeue the job; the restarted job resumes from it.
+    slurm_requeue: bool = True
 
 
 @dataclasses.dataclass
@@ -86,6 +96,7 @@ class TrainConfig:
     run_stages: list[str] = dataclasses.field(default_factory=lambda: ["pretrain", "instruct"])
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     qa_eval: QAEvalConfig = dataclasses.field(default_factory=QAEvalConfig)
+    grounding: GroundingEvalConfig = dataclasses.field(default_factory=GroundingEvalConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -48,21 +49,26 @@ class LoraConfig:
 
 
 class LLMBackbone(L.LightningModule):
-    def __init__(self, config: LLMConfig) -> None:
+    def __init__(self, config: LLMConfig, model: nn.Module | None = None, tokenizer: Any = None) -> None:
+        """``model`` + ``tokenizer``: wrap an already built causal LM (e.g. one assembled from a released
+        LLaVA checkpoint by ``lmm.llava_checkpoint``) instead of loading ``config.path`` or building one."""
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
         self.config = config
-        if config.path is not None and not (Path(config.path) / "config.json").is_file():
+        if (model is None) != (tokenizer is None):
+            raise ValueError("LLMBackbone needs both a prebuilt model and its tokenizer, or neither")
+        if model is None and config.path is not None and not (Path(config.path) / "config.json").is_file():
             raise FileNotFoundError(
                 f"llm.path {config.path} is not a Hugging Face model folder (no config.json)"
             )
-        tokenizer_path = config.tokenizer or config.path
-        if tokenizer_path is None:
-            raise ValueError("llm.tokenizer (or llm.path) must name a local tokenizer folder")
-        if not Path(tokenizer_path).is_dir():
-            raise FileNotFoundError(f"llm.tokenizer folder {tokenizer_path} does not exist")
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        if tokenizer is None:
+            tokenizer_path = config.tokenizer or config.path
+            if tokenizer_path is None:
+                raise ValueError("llm.tokenizer (or llm.path) must name a local tokenizer folder")
+            if not Path(tokenizer_path).is_dir():
+                raise FileNotFoundError(f"llm.tokenizer folder {tokenizer_path} does not exist")
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         if tokenizer.pad_token is None:
             # LLaVA-1.5 pads Vicuna with its unk token.
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -71,7 +77,9 @@ class LLMBackbone(L.LightningModule):
         tokenizer.padding_side = "left"
         self.tokenizer = tokenizer
 
-        if config.path is not None:
+        if model is not None:
+            self.model = model
+        elif config.path is not None:
             if not (Path(config.path) / "config.json").is_file():
                 raise FileNotFoundError(
                     f"llm.path {config.path} is not a Hugging Face model folder (no config.json)"

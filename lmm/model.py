@@ -64,10 +64,14 @@ class PromptBatch:
 
 
 class LMM(L.LightningModule):
-    def __init__(self, encoder: Any, projector: ProjectorConfig, llm: LLMConfig) -> None:
+    def __init__(
+        self, encoder: Any, projector: ProjectorConfig, llm: LLMConfig, llm_backbone: LLMBackbone | None = None
+    ) -> None:
+        """``llm_backbone``: an already built ``LLMBackbone`` (released checkpoints, ``lmm.llava_checkpoint``)
+        used instead of building one from ``llm``."""
         super().__init__()
         self.encoder: VisualEncoder = build_encoder(encoder)
-        self.llm = LLMBackbone(llm)
+        self.llm = llm_backbone if llm_backbone is not None else LLMBackbone(llm)
         self.projector = Projector(projector, self.encoder.embed_dim, self.llm.width, self.encoder.num_tokens)
         self.stage: StageConfig | None = None
         self.stage_name: str | None = None
@@ -179,6 +183,13 @@ class LMM(L.LightningModule):
         check_checkpoint_keys(self, checkpoint["state_dict"], checkpoint.get("lmm", {}).get("stage"))
 
     # ------------------------------------------------------------------------------------- generation
+    def groundable(self) -> Any:
+        """This model as a ``grounding.protocol.GroundableModel``, with the current stage's template and aspect."""
+        from lmm.grounding_adapter import LMMGrounding
+
+        stage = self.stage or StageConfig(template="vicuna_v1", aspect="pad")
+        return LMMGrounding(self, stage.template, stage.aspect)
+
     def prepare_prompts(self, prompts: Sequence[str], images: Sequence[Tensor | None]) -> PromptBatch:
         """Tokenise chat-formatted prompts (each with at most one ``<image>``), expand and left-pad them."""
         if len(prompts) != len(images):
@@ -224,12 +235,12 @@ class LMM(L.LightningModule):
         """Greedy by default; returns the new tokens (B, T), padded with pad after each sample's EOS."""
         embeds = self.embed_inputs(batch.input_ids, batch.images)
         kwargs.setdefault("do_sample", False)
+        kwargs.setdefault("eos_token_id", self.llm.tokenizer.eos_token_id)
         return self.llm.model.generate(
             inputs_embeds=embeds,
             attention_mask=batch.attention_mask,
             max_new_tokens=max_new_tokens,
             pad_token_id=self.llm.tokenizer.pad_token_id,
-            eos_token_id=self.llm.tokenizer.eos_token_id,
             **kwargs,
         )
 

@@ -47,6 +47,11 @@ class Template:
     sep: str = " "  # after the system line and after each user message
     sep2: str = "</s>"  # ends each assistant message (and carries loss)
 
+    @property
+    def stop_text(self) -> str:
+        """The text that ends a reply: generation stops there (plain captions end with a newline)."""
+        return "\n" if self.name == "plain" else self.sep2
+
     def render(self, conversation: Sequence[dict], has_image: bool) -> Rendered:
         """Render a training conversation (LLaVA ``conversations`` list: ``{"from", "value"}`` turns)."""
         turns = normalise_turns(conversation, has_image)

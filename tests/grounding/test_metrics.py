@@ -468,3 +468,21 @@ def test_recall_with_real_similarity_model(minilm):
         ["a round red shape", "the stock market crashed"],
     )
     assert (int(metric.matched), int(metric.total)) == (1, 2)  # g0 matches; g1's phrase is unrelated -> stop
+
+
+def test_phrase_pointing_matches_by_text_not_by_mask():
+    from grounding.metrics import PhrasePointingAccuracy
+
+    red = np.zeros((10, 10), bool)
+    red[0:4, 0:4] = True  # area 16
+    blue = np.zeros((10, 10), bool)
+    blue[6:10, 6:10] = True
+    metric = PhrasePointingAccuracy(sync_on_compute=False)
+    # "red" points inside the blue square, "blue" points inside the blue square: only "blue" is a hit, even
+    # though IoU-style matching would pair the first point with the blue object.
+    sims = np.array([[0.9, 0.1], [0.2, 0.8]])  # GT (red, blue) x pred (red, blue)
+    metric.update([red, blue], ["red", "blue"], ["red", "blue"], [(7, 7), (8.9, 9.2)], similarity_matrix=sims)
+    assert float(metric.compute()) == 0.5
+    # A GT phrase with no prediction above the text threshold is a miss; greedy takes the best pair first.
+    metric.update([red, blue], ["red", "blue"], ["a red thing"], [(1, 1)], similarity_matrix=np.array([[0.6], [0.7]]))
+    assert float(metric.compute()) == 1 / 4  # the single prediction pairs with "blue" (0.7) and misses it

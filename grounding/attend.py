@@ -1,0 +1,128 @@
+"""Attend-and-segment: batched grounded generation from images and prompts to captions, phrases and masks.
+
+For a batch of images the model generates greedily while ``AttentionCapture`` records, for every generated
+token, the attention to the image tokens averaged over all layers and heads. Per image: the response is
+trimmed at EOS, its maps are normalised (the response's mean map subtracted), grouped by noun phrase (max
+over the tokens of each chunk's root word), upsampled bicubically to the image with the inverse of the
+encoder's aspect transform, and each phrase's peak becomes the point prompt of a refiner (SAM, or a
+threshold of the map itself) that returns its mask. Results can be written in GLaMM's GCG prediction format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from grounding.capture import AttentionCapture
+from grounding.coco_io import GCGPrediction, mask_to_rle, write_gcg_prediction
+from grounding.phrases import DEFAULT_SPACY_MODEL, group_phrases, response_token_offsets
+from grounding.protocol import GroundableModel
+from grounding.segment import Refiner, argmax_point, normalize_maps, upsample_map
+
+DEFAULT_PROMPT = "Describe the image in detail."
+
+
+@dataclasses.dataclass
+class GroundedResponse:
+    """One image's result: caption, phrases, and per phrase its point (x, y), mask (H, W) and grid map."""
+
+    caption: str
+    phrases: list[str]
+    points: list[tuple[int, int]]
+    masks: list[np.ndarray]
+    maps: list[torch.Tensor]  # (h, w) normalised phrase maps on the token grid, for overlays
+    token_maps: torch.Tensor  # (n_tokens, h, w) raw maps of the response tokens
+
+    def to_gcg(self, image_id: str) -> GCGPrediction:
+        return GCGPrediction(
+            image_id=image_id,
+            caption=self.caption,
+            phrases=list(self.phrases),
+            pred_masks=[mask_to_rle(m) for m in self.masks],
+        )
+
+
+class AttendAndSegment:
+    """images + prompts -> ``GroundedResponse`` per image, ``batch_size`` images per generate call."""
+
+    def __init__(
+        self,
+        model: GroundableModel,
+        refiner: Refiner,
+        spacy_model: str = DEFAULT_SPACY_MODEL,
+        combine: str = "max",
+        max_new_tokens: int = 512,
+        batch_size: int = 8,
+    ) -> None:
+        self.model = model
+        self.refiner = refiner
+        self.spacy_model = spacy_model
+        self.combine = combine
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+
+    def __call__(
+        self, images: Sequence[Image.Image], prompts: str | Sequence[str] = DEFAULT_PROMPT
+    ) -> list[GroundedResponse]:
+        images = [image.convert("RGB") for image in images]
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(images)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        results = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            results.extend(self._batch(images[chunk], prompts[chunk]))
+        return results
+
+    @torch.no_grad()
+    def _batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[GroundedResponse]:
+        batch = self.model.prepare(images, prompts)
+        with AttentionCapture(self.model.language_model, batch.image_spans) as capture:
+            new_tokens = self.model.generate(batch, self.max_new_tokens)
+        maps = capture.maps()
+        return [
+            self._ground(image, ids, m)
+            for image, ids, m in zip(images, new_tokens.tolist(), maps, strict=True)
+        ]
+
+    def _ground(self, image: Image.Image, ids: list[int], maps: torch.Tensor) -> GroundedResponse:
+        tokenizer = self.model.tokenizer
+        stops = [i for i, t in enumerate(ids) if t in self.model.stop_token_ids]
+        if stops:
+            ids = ids[: stops[0]]
+        h, w = self.model.grid
+        token_maps = maps[: len(ids)].reshape(len(ids), h, w)
+        text, offsets = response_token_offsets(tokenizer, ids)
+        stripped = len(text) - len(text.lstrip())  # decoders may keep the space that led the first token
+        text = text.strip()
+        offsets = [(max(s - stripped, 0), max(e - stripped, 0)) for s, e in offsets]
+        if not ids or not text:
+            return GroundedResponse(text, [], [], [], [], token_maps)
+        phrases = group_phrases(text, offsets, normalize_maps(token_maps), self.combine, self.spacy_model)
+        size = (image.height, image.width)
+        upsampled = [upsample_map(p.map, size, self.model.aspect) for p in phrases]
+        points = [argmax_point(u) for u in upsampled]
+        masks = self.refiner(np.asarray(image), points, upsampled) if phrases else []
+        return GroundedResponse(
+            caption=text,
+            phrases=[p.text for p in phrases],
+            points=points,
+            masks=[np.asarray(m, dtype=bool) for m in masks],
+            maps=[p.map for p in phrases],
+            token_maps=token_maps,
+        )
+
+
+def write_predictions(results: Sequence[GroundedResponse], image_ids: Sequence[str], out_dir: Path) -> None:
+    """One GLaMM-format JSON per image: ``out_dir/<image_id>.json``."""
+    from grounding.coco_io import gcg_prediction_path
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for result, image_id in zip(results, image_ids, strict=True):
+        write_gcg_prediction(gcg_prediction_path(out_dir, image_id), result.to_gcg(image_id))

@@ -1,0 +1,73 @@
+"""Ground one image: ``python -m grounding.demo --run runs/<name> --image PATH [--prompt TEXT] --out DIR``.
+
+Writes ``DIR/result.json`` (caption, phrases, points, masks as COCO RLE) and ``DIR/overlay.png`` (the image
+with each phrase's mask, point and label, beside the per-phrase heat maps, caption below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from grounding.attend import AttendAndSegment
+from grounding.cli import add_model_arguments, default_spacy_model, load_groundable, refiner_from_args
+from grounding.coco_io import mask_to_rle
+from grounding.overlay import draw_overlay
+
+
+def open_image(path: Path) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+        return image.convert("RGB")
+    except FileNotFoundError:
+        raise SystemExit(f"error: image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise SystemExit(f"error: {path} is not a readable image ({err})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--image", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+
+    image = open_image(args.image)
+    model = load_groundable(args.run, args.device)
+    pipeline = AttendAndSegment(
+        model,
+        refiner_from_args(args),
+        args.spacy_model or default_spacy_model(),
+        args.combine,
+        args.max_new_tokens,
+        batch_size=1,
+    )
+    result = pipeline([image], args.prompt)[0]
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "image": str(args.image),
+        "prompt": args.prompt,
+        "caption": result.caption,
+        "phrases": result.phrases,
+        "points": [list(p) for p in result.points],
+        "pred_masks": [mask_to_rle(m) for m in result.masks],
+    }
+    (args.out / "result.json").write_text(json.dumps(record, indent=1))
+    overlay = draw_overlay(
+        image, result.caption, result.phrases, result.points, result.masks, result.maps, aspect=model.aspect
+    )
+    overlay.save(args.out / "overlay.png")
+    print(f"caption: {result.caption}")
+    for phrase, (x, y), mask in zip(result.phrases, result.points, result.masks, strict=True):
+        print(f"  {phrase!r}: point ({x}, {y}), mask {int(mask.sum())} px")
+    print(f"wrote {args.out / 'result.json'} and {args.out / 'overlay.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

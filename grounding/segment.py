@@ -1,0 +1,243 @@
+"""From attention maps to masks for attend-and-segment (DESIGN.md section 5, steps 3, 5 and 6): normalise a
+response's token maps by subtracting their mean, upsample a phrase's token-grid map bicubically onto the
+original image (inverting the pad-to-square or resize transform the encoder saw), take the argmax pixel as a
+point prompt, and refine it into a binary mask with a registered refiner: ``sam`` (segment-anything's
+``SamPredictor`` from a local checkpoint) or ``threshold`` (no SAM: the thresholded map around the peak).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "REFINERS",
+    "Refiner",
+    "SamRefiner",
+    "ThresholdRefiner",
+    "argmax_point",
+    "build_refiner",
+    "normalize_maps",
+    "upsample_map",
+]
+
+Aspect = Literal["pad", "crop", "resize"]
+
+
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Subtract the mean map over all tokens of one response: ``maps`` is ``(n_tokens, ...)``.
+
+    Attention to image tokens has a large token-independent component (a few "sink" patches every token
+    looks at); removing the response's mean leaves what is specific to each token. Pass all generated
+    tokens of the response (trimmed of padding after EOS), not only the phrase tokens.
+    """
+    if maps.ndim < 2 or maps.shape[0] == 0:
+        raise ValueError(f"expected (n_tokens, ...) maps with n_tokens >= 1, got shape {tuple(maps.shape)}")
+    maps = maps.float()
+    return maps - maps.mean(dim=0, keepdim=True)
+
+
+def upsample_map(attn: torch.Tensor, image_size: tuple[int, int], aspect: Aspect = "pad") -> torch.Tensor:
+    """Upsample an ``(h, w)`` token-grid map bicubically to an image of ``image_size = (H, W)``.
+
+    ``"pad"`` inverts LLaVA's pad-to-square-with-mean-colour transform: the encoder saw the image pasted in
+    the centre of a ``max(H, W)`` square (offset ``(S - H) // 2`` rows, ``(S - W) // 2`` columns, as
+    ``expand2square`` does), so the map is upsampled to that square and the image's region is cropped out.
+    ``"crop"`` and ``"resize"`` map the grid straight onto ``H x W`` (DESIGN.md section 5, step 5).
+    Returns a float32 ``(H, W)`` tensor.
+    """
+    if attn.ndim != 2:
+        raise ValueError(f"expected an (h, w) map, got shape {tuple(attn.shape)}")
+    height, width = image_size
+    grid = attn.float()[None, None]
+    if aspect == "pad":
+        side = max(height, width)
+        square = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)[0, 0]
+        top, left = (side - height) // 2, (side - width) // 2
+        return square[top : top + height, left : left + width]
+    if aspect in ("crop", "resize"):
+        return F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)[0, 0]
+    raise ValueError(f"aspect must be 'pad', 'crop' or 'resize', got {aspect!r}")
+
+
+def argmax_point(upsampled: torch.Tensor) -> tuple[int, int]:
+    """The ``(x, y)`` pixel of the maximum of an ``(H, W)`` map (first one in row-major order on ties)."""
+    flat = int(torch.argmax(upsampled))
+    width = upsampled.shape[1]
+    return flat % width, flat // width
+
+
+class Refiner(Protocol):
+    """Turns point prompts on one image into masks: one boolean ``(H, W)`` mask per point.
+
+    ``image`` is ``(H, W, 3)`` uint8 RGB; ``points[i]`` is ``(x, y)`` in pixels and ``maps[i]`` the
+    ``(H, W)`` upsampled map it came from (a refiner may ignore either).
+    """
+
+    def __call__(
+        self,
+        image: np.ndarray,
+        points: Sequence[tuple[int, int]],
+        maps: Sequence[torch.Tensor | np.ndarray],
+    ) -> list[np.ndarray]: ...
+
+
+def _check_image(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+
+
+class SamRefiner:
+    """Segment-anything refiner: one positive point per phrase, ``multimask_output=True``, keep the last mask.
+
+    SAM's last multimask output is the largest (whole-object) hypothesis, which is what the reference keeps.
+    ``SamPredictor.predict`` already binarises the masks at ``model.mask_threshold`` (0.0), i.e. logit > 0.
+    The image is embedded once (``set_image``) for all of its phrases.
+
+    Args:
+        checkpoint: a local SAM state dict (``.pth``), e.g. ``sam_vit_h_4b8939.pth``.
+        model_type: ``"vit_h"``, ``"vit_l"`` or ``"vit_b"`` (segment-anything's registry), or a callable
+            returning an un-initialised ``Sam`` of the checkpoint's shape (for custom or tiny models).
+        device: where SAM runs.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        model_type: str | Callable[[], torch.nn.Module] = "vit_h",
+        device: str | torch.device = "cpu",
+    ) -> None:
+        from segment_anything import SamPredictor, sam_model_registry
+
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"SAM checkpoint not found: {path}")
+        if isinstance(model_type, str):
+            if model_type not in sam_model_registry:
+                raise ValueError(
+                    f"unknown SAM model type {model_type!r}; choose from {sorted(sam_model_registry)}"
+                )
+            sam = sam_model_registry[model_type](checkpoint=None)
+        else:
+            sam = model_type()
+        sam.load_state_dict(_load_sam_state(path, sam, model_type))
+        self.predictor = SamPredictor(sam.to(device).eval())
+
+    def __call__(
+        self,
+        image: np.ndarray,
+        points: Sequence[tuple[int, int]],
+        maps: Sequence[torch.Tensor | np.ndarray] | None = None,
+    ) -> list[np.ndarray]:
+        _check_image(image)
+        if not points:
+            return []
+        self.predictor.set_image(image, image_format="RGB")
+        masks = []
+        for x, y in points:
+            multi, _, _ = self.predictor.predict(
+                point_coords=np.array([[x, y]], dtype=np.float32),
+                point_labels=np.array([1]),
+                multimask_output=True,
+            )
+            masks.append(np.asarray(multi[-1], dtype=bool))
+        return masks
+
+
+def _load_sam_state(path: Path, sam: torch.nn.Module, model_type: object) -> dict[str, torch.Tensor]:
+    """Read a SAM state dict safely and check it against ``sam``, with a one-line error naming the file."""
+    # build_sam's own loader calls torch.load without weights_only; read tensors only, never arbitrary pickles.
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # an unpickling error has a multi-paragraph message; say it in one line
+        raise ValueError(f"SAM checkpoint {path} is not a loadable state dict: {type(err).__name__}") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"SAM checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    expected = sam.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys (first: {missing[0]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
+        if reshaped:
+            k = reshaped[0]
+            problems.append(
+                f"{len(reshaped)} shape mismatches (first: {k} {tuple(state[k].shape)} in the file, "
+                f"{tuple(expected[k].shape)} in the model)"
+            )
+        name = model_type if isinstance(model_type, str) else getattr(model_type, "__name__", "custom")
+        raise ValueError(f"SAM checkpoint {path} does not match model type {name!r}: {'; '.join(problems)}")
+    return state
+
+
+class ThresholdRefiner:
+    """SAM-free refiner: the map's own region around the peak.
+
+    Rule: with ``lo`` the map's minimum and ``peak`` its value at the point, keep pixels with
+    ``value >= lo + fraction * (peak - lo)``, then only the 8-connected component that contains the point.
+    With ``fraction = 0.5`` a Gaussian blob on a flat background gives the disc where the blob is at least
+    half its height (radius ``sigma * sqrt(2 ln 2)``).
+    """
+
+    def __init__(self, fraction: float = 0.5) -> None:
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+        self.fraction = fraction
+
+    def __call__(
+        self,
+        image: np.ndarray,
+        points: Sequence[tuple[int, int]],
+        maps: Sequence[torch.Tensor | np.ndarray],
+    ) -> list[np.ndarray]:
+        _check_image(image)
+        if len(points) != len(maps):
+            raise ValueError(f"{len(points)} points but {len(maps)} maps")
+        masks = []
+        for (x, y), upsampled in zip(points, maps, strict=True):
+            values = torch.as_tensor(upsampled, dtype=torch.float32)
+            if values.shape != image.shape[:2]:
+                raise ValueError(f"map shape {tuple(values.shape)} does not match image {image.shape[:2]}")
+            low, peak = values.min(), values[y, x]
+            region = values >= low + self.fraction * (peak - low)
+            masks.append(_component_at(region, x, y).numpy())
+        return masks
+
+
+def _component_at(region: torch.Tensor, x: int, y: int) -> torch.Tensor:
+    """The 8-connected component of boolean ``region`` containing ``(x, y)``, by geodesic dilation.
+
+    Dilation in torch avoids a SciPy dependency; checking for convergence every few steps keeps the number
+    of comparisons small. The cost is proportional to the component's geodesic diameter.
+    """
+    allowed = region[None, None].float()
+    grown = torch.zeros_like(allowed)
+    grown[0, 0, y, x] = allowed[0, 0, y, x]
+    while True:
+        before = grown
+        for _ in range(8):
+            grown = F.max_pool2d(grown, kernel_size=3, stride=1, padding=1) * allowed
+        if torch.equal(grown, before):
+            return grown[0, 0].bool()
+
+
+REFINERS: Mapping[str, Callable[..., Refiner]] = MappingProxyType(
+    {"sam": SamRefiner, "threshold": ThresholdRefiner}
+)
+
+
+def build_refiner(name: str, **kwargs: Any) -> Refiner:
+    """Build a refiner by registry name (``"sam"`` or ``"threshold"``) with its constructor arguments."""
+    if name not in REFINERS:
+        raise ValueError(f"unknown refiner {name!r}; choose from {sorted(REFINERS)}")
+    return REFINERS[name](**kwargs)

