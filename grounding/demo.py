@@ -13,8 +13,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from grounding.attend import AttendAndSegment
-from grounding.cli import add_model_arguments, default_spacy_model, load_groundable, refiner_from_args
+from grounding.cli import add_model_arguments, load_groundable, pipeline_from_args
 from grounding.coco_io import mask_to_rle
 from grounding.overlay import draw_overlay
 
@@ -39,14 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     image = open_image(args.image)
     model = load_groundable(args.run, args.device)
-    pipeline = AttendAndSegment(
-        model,
-        refiner_from_args(args),
-        args.spacy_model or default_spacy_model(),
-        args.combine,
-        args.max_new_tokens,
-        batch_size=1,
-    )
+    pipeline = pipeline_from_args(args, model, 1)
     result = pipeline([image], args.prompt)[0]
     args.out.mkdir(parents=True, exist_ok=True)
     record = {

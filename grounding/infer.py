@@ -16,8 +16,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from grounding.attend import AttendAndSegment, write_predictions
-from grounding.cli import add_model_arguments, default_spacy_model, load_groundable, refiner_from_args
+from grounding.attend import write_predictions
+from grounding.cli import add_model_arguments, load_groundable, pipeline_from_args
 from grounding.coco_io import gcg_prediction_path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -41,14 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if not todo:
         return 0
     model = load_groundable(args.run, args.device)
-    pipeline = AttendAndSegment(
-        model,
-        refiner_from_args(args),
-        args.spacy_model or default_spacy_model(),
-        args.combine,
-        args.max_new_tokens,
-        args.batch_size,
-    )
+    pipeline = pipeline_from_args(args, model, args.batch_size)
     bad = 0
     with tqdm(total=len(todo), desc="grounding", unit="img") as bar:
         for start in range(0, len(todo), args.batch_size):

@@ -86,6 +86,7 @@ def group_phrases(
     maps: torch.Tensor,
     combine: Literal["max", "mean"] = "max",
     spacy_model: str = DEFAULT_SPACY_MODEL,
+    tokens: Literal["root", "chunk"] = "root",
 ) -> list[Phrase]:
     """Group the response tokens' maps by noun phrase.
 
@@ -96,6 +97,8 @@ def group_phrases(
         maps: ``(n_tokens, ...)`` normalised attention maps, one per response token (same order as offsets).
         combine: ``"max"`` (element-wise maximum over the phrase's tokens) or ``"mean"``.
         spacy_model: name of an installed spaCy pipeline with a parser.
+        tokens: ``"root"`` (the reference: tokens overlapping the chunk's root word) or ``"chunk"`` (tokens
+            overlapping any word of the chunk, e.g. the colour adjective too).
 
     Returns:
         One :class:`Phrase` per noun chunk, in text order. A chunk whose root word overlaps no token is
@@ -103,17 +106,19 @@ def group_phrases(
     """
     if combine not in ("max", "mean"):
         raise ValueError(f"combine must be 'max' or 'mean', got {combine!r}")
+    if tokens not in ("root", "chunk"):
+        raise ValueError(f"tokens must be 'root' or 'chunk', got {tokens!r}")
     if len(token_offsets) != maps.shape[0]:
         raise ValueError(f"{len(token_offsets)} token offsets but {maps.shape[0]} maps")
     phrases = []
     for chunk in noun_chunks(text, spacy_model):
-        root_start, root_end = chunk.root_span
-        tokens = tuple(i for i, (s, e) in enumerate(token_offsets) if s < root_end and root_start < e)
-        if not tokens:
+        start, end = chunk.root_span if tokens == "root" else chunk.char_span
+        members = tuple(i for i, (s, e) in enumerate(token_offsets) if s < end and start < e)
+        if not members:
             continue
-        selected = maps[list(tokens)]
+        selected = maps[list(members)]
         combined = selected.amax(dim=0) if combine == "max" else selected.mean(dim=0)
-        phrases.append(Phrase(text=chunk.text, char_span=chunk.char_span, token_indices=tokens, map=combined))
+        phrases.append(Phrase(text=chunk.text, char_span=chunk.char_span, token_indices=members, map=combined))
     return phrases
 
 

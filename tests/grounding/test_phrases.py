@@ -92,3 +92,13 @@ def test_response_token_offsets_with_a_real_tokenizer():
     assert pieces == ["a", "small", "brown", "dog", "chases", "the", "red", "ball", ".", ""]
     phrases = group_phrases(text, offsets, torch.eye(len(ids)), spacy_model=SPACY)
     assert [p.token_indices for p in phrases] == [(3,), (7,)]
+
+
+def test_chunk_tokens_take_every_word_of_the_chunk():
+    maps = torch.randn(len(TOKENS), 2, 2)
+    phrases = group_phrases(TEXT, OFFSETS, maps, combine="mean", spacy_model=SPACY, tokens="chunk")
+    # "A small brown dog" spans 0-17: tokens 0..4; "the red ball" spans 25-37: " the" (24-28) overlaps too.
+    assert [p.token_indices for p in phrases] == [(0, 1, 2, 3, 4), (6, 7, 8)]
+    torch.testing.assert_close(phrases[1].map, maps[6:9].mean(0))
+    with pytest.raises(ValueError, match="tokens must be"):
+        group_phrases(TEXT, OFFSETS, maps, spacy_model=SPACY, tokens="word")
