@@ -15,12 +15,16 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Frozen encoders stay in eval mode on purpose (VisualEncoder.train keeps them there).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 log = logging.getLogger("train")
 
@@ -59,10 +63,11 @@ def setup_logging(run_dir: Path) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_stage(config, model, name: str) -> dict:  # noqa: ANN001  (types imported lazily below)
+def run_stage(config, model, name: str, requeue: RequeueSignal | None = None) -> dict:  # noqa: ANN001
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from datamodules.shards import ShardDataModule, SkippedSamplesLogger
     from lmm.checkpoint import load_stage_weights, read_checkpoint, stage_checkpoint
@@ -95,19 +100,21 @@ def run_stage(config, model, name: str) -> dict:  # noqa: ANN001  (types importe
         num_workers=config.data.num_workers,
         seed=config.seed,
         shuffle_buffer=config.data.shuffle_buffer,
+        world_size=ranks,
+        sample_log=config.run_dir / "samples" / name if config.data.record_samples else None,
     )
-    max_steps = stage.max_steps or math.ceil(
-        stage.epochs * datamodule.index.num_samples / stage.global_batch_size
-    )
+    # The stream gives every rank the same known number of micro-batches per epoch.
+    max_steps = stage.max_steps or math.ceil(stage.epochs * datamodule.batches_per_epoch / accumulate)
 
     ckpt_path = stage_checkpoint(config.run_dir, name)
-    if ckpt_path.is_file():
-        done_steps = read_checkpoint(ckpt_path).get("global_step", 0)
+    resume = newest_checkpoint(ckpt_path.parent)  # last.ckpt or a SLURM requeue checkpoint hpc_ckpt_*.ckpt
+    if resume is not None:
+        done_steps = read_checkpoint(resume).get("global_step", 0)
         if done_steps >= max_steps:
-            log.info("stage %s already finished (%d steps): loading %s", name, done_steps, ckpt_path)
-            load_stage_weights(model, ckpt_path, name)
+            log.info("stage %s already finished (%d steps): loading %s", name, done_steps, resume)
+            load_stage_weights(model, resume, name)
             return {"stage": name, "skipped": True, "steps": done_steps}
-        log.info("resuming stage %s from %s (step %d of %d)", name, ckpt_path, done_steps, max_steps)
+        log.info("resuming stage %s from %s (step %d of %d)", name, resume, done_steps, max_steps)
 
     log.info(
         "stage %s: %d optimizer steps, global batch %d = %d micro x %d accumulation x %d ranks, data %s (%d samples)",
@@ -120,6 +127,14 @@ def run_stage(config, model, name: str) -> dict:  # noqa: ANN001  (types importe
         data_dir,
         datamodule.index.num_samples,
     )
+    plugins: list = [] if "deepspeed" in str(config.trainer.strategy) else [atomic_checkpoint_io()]
+    cluster_callbacks = []
+    if SLURMEnvironment.detect():
+        # Lightning's SLURM environment (ranks, nodes, master address), with its own requeue handler off:
+        # that one saves inside the signal handler, mid-step; ours saves at the next optimizer step.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        if config.trainer.slurm_requeue and requeue is not None:
+            cluster_callbacks.append(requeue_callback(requeue, ckpt_path.parent))
     trainer = L.Trainer(
         accelerator=config.trainer.accelerator,
         devices=config.trainer.devices,
@@ -132,7 +147,8 @@ def run_stage(config, model, name: str) -> dict:  # noqa: ANN001  (types importe
         log_every_n_steps=config.trainer.log_every_n_steps,
         deterministic=config.trainer.deterministic,
         enable_progress_bar=config.trainer.progress_bar,
-        default_root_dir=config.run_dir,
+        default_root_dir=ckpt_path.parent,  # where Lightning looks for hpc_ckpt_*.ckpt
+        plugins=plugins,
         logger=TensorBoardLogger(
             save_dir=config.run_dir, name="tensorboard", version=name, default_hp_metric=False
         ),
@@ -146,15 +162,20 @@ def run_stage(config, model, name: str) -> dict:  # noqa: ANN001  (types importe
             ),
             LearningRateMonitor(logging_interval="step"),
             SkippedSamplesLogger(),
+            *cluster_callbacks,
+            *grounding_callbacks(config),
         ],
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
     start = time.perf_counter()
-    trainer.fit(
-        model, datamodule=datamodule, ckpt_path=ckpt_path if ckpt_path.is_file() else None, weights_only=True
-    )
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    if any(getattr(cb, "requeued", False) for cb in cluster_callbacks):
+        raise Requeued(f"stage {name} saved a requeue checkpoint at step {trainer.global_step}")
     trainer.save_checkpoint(ckpt_path, weights_only=False)
+    if trainer.is_global_zero:
+        for old in ckpt_path.parent.glob("hpc_ckpt_*.ckpt"):  # superseded by last.ckpt
+            old.unlink(missing_ok=True)
     loss = trainer.callback_metrics.get("train/loss")
     summary = {
         "stage": name,
@@ -164,6 +185,140 @@ def run_stage(config, model, name: str) -> dict:  # noqa: ANN001  (types importe
     }
     log.info("stage %s done: %s", name, summary)
     return summary
+
+
+# ------------------------------------------------------------------------------ checkpoints and SLURM
+class Requeued(Exception):
+    """The stage saved a requeue checkpoint and asked SLURM to requeue the job; the process should end."""
+
+
+class RequeueSignal:
+    """Remembers that the SLURM requeue signal (SIGUSR1: ``sbatch --signal=USR1@90``) arrived.
+
+    The handler only records the time; the training loop acts on it at the next optimizer step, where
+    weights, optimizer state, accumulated gradients and the data position are consistent.
+    """
+
+    def __init__(self) -> None:
+        self.received_at: float | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.received_at is None:
+            self.received_at = time.time()
+            print(f"train.py: requeue signal {signum} received at {self.received_at:.3f}", file=sys.stderr)
+
+    @classmethod
+    def install_if_slurm(cls, signum: int = signal.SIGUSR1) -> RequeueSignal | None:
+        """Install the handler in a SLURM job step, first thing (USR1 kills a process without a handler).
+
+        Detects a job step as Lightning's ``SLURMEnvironment.detect`` does, without importing Lightning.
+        """
+        if "SLURM_NTASKS" not in os.environ or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+            return None
+        flag = cls()
+        try:
+            signal.signal(signum, flag)
+        except ValueError:  # not the main thread: leave the signal to whoever runs us
+            return None
+        return flag
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The most recently written of ``last.ckpt`` and the requeue checkpoints ``hpc_ckpt_*.ckpt``."""
+    candidates = [p for p in (folder / "last.ckpt", *folder.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+
+
+def atomic_checkpoint_io():  # noqa: ANN201  (a Lightning CheckpointIO; Lightning is imported lazily)
+    """Checkpoint writing that a kill cannot corrupt: temp file in the same folder, fsync, os.replace."""
+    import torch
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options: object = None) -> None:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a process killed mid-save
+                stale.unlink(missing_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            try:
+                with open(tmp, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)  # the rename itself survives a crash
+            finally:
+                os.close(folder)
+
+    return AtomicCheckpointIO()
+
+
+def requeue_callback(flag: RequeueSignal, folder: Path):  # noqa: ANN201  (a Lightning Callback)
+    """Saves ``hpc_ckpt_<n>.ckpt`` and runs ``scontrol requeue`` at the first optimizer step after the signal."""
+    import subprocess
+
+    import lightning as L
+
+    class RequeueAtStep(L.Callback):
+        def __init__(self) -> None:
+            self.requeued = False
+            self.step_at_start = -1
+            self.first_step_logged = False
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+            self.step_at_start = trainer.global_step
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            if trainer.global_step == self.step_at_start:
+                return  # inside a gradient accumulation window
+            if not self.first_step_logged:
+                self.first_step_logged = True
+                log.info(
+                    "first optimizer step of this process done: step %d at %.3f",
+                    trainer.global_step,
+                    time.time(),
+                )
+            pending = flag.received_at is not None
+            if trainer.world_size > 1:  # every rank must save at the same step
+                pending = trainer.strategy.reduce_boolean_decision(pending, all=False)
+            if not pending or self.requeued:
+                return
+            old = sorted(folder.glob("hpc_ckpt_*.ckpt"))
+            number = 1 + max((int(p.stem.rsplit("_", 1)[1]) for p in old), default=0)
+            path = folder / f"hpc_ckpt_{number}.ckpt"
+            trainer.save_checkpoint(path)
+            for logger in trainer.loggers:
+                logger.save()
+            self.requeued = True
+            trainer.should_stop = True
+            for checkpoint in trainer.checkpoint_callbacks:  # no second copy as last.ckpt at train end
+                checkpoint.save_last = False
+            if not trainer.is_global_zero:
+                return
+            for p in old:
+                p.unlink(missing_ok=True)
+            job = os.environ.get("SLURM_JOB_ID", "")
+            if os.environ.get("SLURM_ARRAY_JOB_ID"):
+                job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            log.info("saved %s at step %d; requeueing SLURM job %s", path, trainer.global_step, job)
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            if result.returncode:
+                log.warning("scontrol requeue %s failed: %s", job, result.stderr.strip())
+
+    return RequeueAtStep()
+
+
+def grounding_callbacks(config) -> list:  # noqa: ANN001
+    if not config.grounding.enabled:
+        return []
+    from grounding.callback import GroundingCallback
+
+    return [GroundingCallback(config.grounding, Path(config.data.root), config.run_dir / "grounding")]
 
 
 def run_qa_eval(config, model) -> dict | None:  # noqa: ANN001
@@ -201,6 +356,7 @@ def run_qa_eval(config, model) -> dict | None:  # noqa: ANN001
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    requeue = RequeueSignal.install_if_slurm()
     from lmm.config import ConfigError, load_config
 
     try:
@@ -219,15 +375,27 @@ def main(argv: list[str] | None = None) -> int:
     save_config(config, config.run_dir / "config.yaml")
     log.info("run directory %s", config.run_dir)
     torch.set_float32_matmul_precision("high")
+    if config.trainer.num_threads:
+        torch.set_num_threads(config.trainer.num_threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
     if config.data.shapes is not None:
         from datamodules.shapes import ensure_world
 
         ensure_world(config.data.shapes, Path(config.data.root))
 
+    if requeue is not None:
+        log.info(
+            "SLURM job %s, restart %s: SIGUSR1 saves a checkpoint at the next optimizer step and requeues",
+            os.environ.get("SLURM_JOB_ID"),
+            os.environ.get("SLURM_RESTART_COUNT", "0"),
+        )
     start = time.perf_counter()
     model = build_model(config)
-    summaries = [run_stage(config, model, name) for name in config.run_stages]
+    try:
+        summaries = [run_stage(config, model, name, requeue) for name in config.run_stages]
+    except Requeued as done:
+        log.info("%s; SLURM requeued the job, exiting", done)
+        return 0
     qa = run_qa_eval(config, model)
     report = {"stages": summaries, "seconds": round(time.perf_counter() - start, 1)}
     if qa is not None:

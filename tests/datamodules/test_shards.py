@@ -1,5 +1,6 @@
 """The shard stream: batches mix image and text-only samples; bad data is skipped, counted, never unpickled."""
 
+import dataclasses
 import io
 import json
 import pickle
@@ -24,7 +25,10 @@ def _png(color=(255, 0, 0)):
 
 def _record(i, image=True):
     first = ("<image>\n" if image else "") + "What color is it?"
-    return {"id": str(i), "conversations": [{"from": "human", "value": first}, {"from": "gpt", "value": "Red."}]}
+    return {
+        "id": str(i),
+        "conversations": [{"from": "human", "value": first}, {"from": "gpt", "value": "Red."}],
+    }
 
 
 def _write_tar(path, members):
@@ -48,16 +52,21 @@ def shard_dir(tmp_path):
         if i % 3 != 0:
             good += [(f"{i:03d}.png", _png())]
     bad = [
-        ("100.json", json.dumps(_record(100)).encode()), ("100.png", b"\x89PNG not really"),  # corrupt image
+        ("100.json", json.dumps(_record(100)).encode()),
+        ("100.png", b"\x89PNG not really"),  # corrupt image
         ("101.json", b"{not json"),  # malformed JSON
         ("102.json", json.dumps({"id": "102", "conversations": [{"from": "human", "value": "hi"}]}).encode()),
-        ("103.json", json.dumps(_record(103, image=False)).encode()), ("103.pyd", pickle.dumps(_Exploit())),
+        ("103.json", json.dumps(_record(103, image=False)).encode()),
+        ("103.pyd", pickle.dumps(_Exploit())),
     ]
     _write_tar(tmp_path / "shard-000000.tar", good + bad)
     _write_tar(tmp_path / "shard-000001.tar", good)
     truncated = (tmp_path / "shard-000001.tar").read_bytes()
     (tmp_path / "shard-000002.tar").write_bytes(truncated[:3000])  # cut inside a member
-    index = {"num_samples": 22, "shards": [{"url": f"shard-00000{i}.tar", "num_samples": n} for i, n in enumerate((10, 6, 6))]}
+    index = {
+        "num_samples": 22,
+        "shards": [{"url": f"shard-00000{i}.tar", "num_samples": n} for i, n in enumerate((10, 6, 6))],
+    }
     (tmp_path / "index.json").write_text(json.dumps(index))
     return tmp_path
 
@@ -65,8 +74,15 @@ def shard_dir(tmp_path):
 def _module(shard_dir, batch_size=4):
     tok = build_word_tokenizer(["What color is it?", "Red.", "hi"])
     encode = SampleEncoder(tok, get_template("vicuna_v1"), 4, 128, lambda im: torch.zeros(3, 8, 8))
-    return ShardDataModule(shard_dir, encode, partial(collate, pad_token_id=tok.pad_token_id), batch_size,
-                           num_workers=0, seed=1, shuffle_buffer=8), tok
+    return ShardDataModule(
+        shard_dir,
+        encode,
+        partial(collate, pad_token_id=tok.pad_token_id),
+        batch_size,
+        num_workers=0,
+        seed=1,
+        shuffle_buffer=8,
+    ), tok
 
 
 def test_stream_skips_and_counts_bad_samples_and_never_unpickles(shard_dir, monkeypatch):
@@ -109,3 +125,75 @@ def test_index_errors_name_the_file(tmp_path):
     (tmp_path / "index.json").write_text("{}")
     with pytest.raises(ValueError, match="index.json is malformed"):
         ShardIndex.load(tmp_path)
+
+
+def test_every_bad_data_kind_is_skipped_counted_logged_and_training_goes_on(tiny_args, tiny_world, tmp_path):
+    """Through train.main: corrupt JPEG, truncated tar, malformed JSON, no assistant turn, too long."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import train
+    from datamodules.shards import read_shard
+    from lmm.config import TrainConfig
+
+    source = str(tiny_world / "instruct" / "shard-000000.tar")
+    good = list(read_shard(source, 0, 35))
+    data = tmp_path / "bad_data"
+    data.mkdir()
+
+    def members(samples):
+        return [(f"{s['__key__']}.{ext}", s[ext]) for s in samples for ext in ("json", "png") if ext in s]
+
+    image = next(s["png"] for s in good if "png" in s)
+    long_question = "<image>\n" + " ".join(["red"] * 400)
+    bad = [
+        ("bad-0.json", json.dumps(_record("bad-0")).encode()),
+        ("bad-0.jpg", b"\xff\xd8\xff\xe0 not a jpeg"),
+        ("bad-1.json", b'{"id": "bad-1", "conversations": [}'),
+        (
+            "bad-2.json",
+            json.dumps({"id": "bad-2", "conversations": [{"from": "human", "value": "hi"}]}).encode(),
+        ),
+        (
+            "bad-3.json",
+            json.dumps(
+                {
+                    "id": "bad-3",
+                    "image": "x.png",
+                    "conversations": [
+                        {"from": "human", "value": long_question},
+                        {"from": "gpt", "value": "Red."},
+                    ],
+                }
+            ).encode(),
+        ),
+        ("bad-3.png", image),
+    ]
+    _write_tar(data / "shard-000000.tar", members(good[:24]))
+    _write_tar(data / "shard-000001.tar", bad + members(good[24:27]))
+    _write_tar(data / "whole.tar", members(good[27:35]))
+    whole = (data / "whole.tar").read_bytes()
+    (data / "shard-000002.tar").write_bytes(whole[: len(whole) * 3 // 5])  # truncated inside a member
+    counts = (24, 7, 8)
+    (data / "index.json").write_text(
+        json.dumps(
+            {"shards": [{"url": f"shard-00000{i}.tar", "num_samples": n} for i, n in enumerate(counts)]}
+        )
+    )
+
+    args = tiny_args(steps=(1, 5)) + [
+        "run_stages=[instruct]",
+        f"stages.instruct.data={data}",
+        "stages.instruct.max_length=128",
+        "qa_eval.questions=null",
+    ]
+    if "grounding" in {f.name for f in dataclasses.fields(TrainConfig)}:
+        args.append("grounding.enabled=false")
+    assert train.main(args) == 0, "bad data never stops a run"
+    run_dir = tmp_path / "runs" / "t"
+    acc = EventAccumulator(str(run_dir / "tensorboard" / "instruct"))
+    acc.Reload()
+    assert max(e.value for e in acc.Scalars("data/skipped")) > 0
+    log_text = (run_dir / "train.log").read_text()
+    for kind in ("corrupt_image", "corrupt_shard", "bad_json", "bad_conversation", "too_long"):
+        assert acc.Scalars(f"data/skipped_{kind}")[-1].value >= 1, kind
+        assert f" {kind} sample(s)" in log_text, kind
