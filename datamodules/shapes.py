@@ -269,7 +269,9 @@ def _background(rng: np.random.Generator, width: int, height: int, textured: boo
         else:
             # Blocky low-resolution noise compresses far better in PNG than per-pixel noise.
             block = 4
-            coarse = rng.integers(-delta, delta + 1, size=(height // block + 1, width // block + 1), dtype=np.int16)
+            coarse = rng.integers(
+                -delta, delta + 1, size=(height // block + 1, width // block + 1), dtype=np.int16
+            )
             offset = np.repeat(np.repeat(coarse, block, 0), block, 1)[:height, :width]
         offset = np.broadcast_to(offset, (height, width))
         pixels = np.clip(base + offset[..., None], 170, 255).astype(np.uint8)
@@ -286,16 +288,24 @@ def _background(rng: np.random.Generator, width: int, height: int, textured: boo
     return np.full((height, width, 3), base.astype(np.uint8), np.uint8), "plain"
 
 
-def _draw_distractors(rng: np.random.Generator, draw: ImageDraw.ImageDraw, width: int, height: int,
-                      config: ShapesWorldConfig) -> tuple[str, ...]:
+def _draw_distractors(
+    rng: np.random.Generator, draw: ImageDraw.ImageDraw, width: int, height: int, config: ShapesWorldConfig
+) -> tuple[str, ...]:
     # Drawn before the shapes and in pure grey, so they never change a mask or match a palette colour.
     kinds = []
     if rng.random() < config.lines_prob:
         kinds.append("lines")
         for _ in range(int(rng.integers(1, 4))):
             grey = int(rng.integers(90, 161))
-            xy = [int(v) for v in (rng.integers(0, width), rng.integers(0, height),
-                                   rng.integers(0, width), rng.integers(0, height))]
+            xy = [
+                int(v)
+                for v in (
+                    rng.integers(0, width),
+                    rng.integers(0, height),
+                    rng.integers(0, width),
+                    rng.integers(0, height),
+                )
+            ]
             draw.line(xy, fill=(grey, grey, grey), width=int(rng.integers(1, 3)))
     if rng.random() < config.specks_prob:
         kinds.append("specks")
@@ -306,8 +316,9 @@ def _draw_distractors(rng: np.random.Generator, draw: ImageDraw.ImageDraw, width
     return tuple(kinds)
 
 
-def _place_box(rng: np.random.Generator, side: int, cell: int, width: int, height: int,
-               margin: float) -> tuple[int, int, int, int]:
+def _place_box(
+    rng: np.random.Generator, side: int, cell: int, width: int, height: int, margin: float
+) -> tuple[int, int, int, int]:
     row, col = divmod(cell, 3)
     bounds = []
     for index, extent in ((col, width), (row, height)):
@@ -350,7 +361,9 @@ def sample_scene(rng: np.random.Generator, config: ShapesWorldConfig) -> Scene:
             apart = all(_box_gap(box, p[4]) >= 3 for p in placed if p[0] == colour)
             # Occlusion is only possible between shapes whose boxes intersect, the rare case.
             overlaps = any(_box_gap(box, p[4]) < 1 for p in placed)
-            if apart and (not overlaps or _visible_enough([p[5] for p in placed] + [full], config.min_visible)):
+            if apart and (
+                not overlaps or _visible_enough([p[5] for p in placed] + [full], config.min_visible)
+            ):
                 placed.append((colour, kind, size, cell, box, full))
                 break
         # A shape that cannot be placed without hiding others is dropped; the text follows what is drawn.
@@ -365,11 +378,13 @@ def sample_scene(rng: np.random.Generator, config: ShapesWorldConfig) -> Scene:
     shapes = []
     covered = np.zeros((height, width), bool)
     for colour, kind, size, cell, box, full in reversed(placed):
-        shapes.append(Shape(kind=kind, colour=colour, size=size, position=POSITIONS[cell], box=box,
-                            mask=full & ~covered))
+        shapes.append(
+            Shape(
+                kind=kind, colour=colour, size=size, position=POSITIONS[cell], box=box, mask=full & ~covered
+            )
+        )
         covered |= full
-    return Scene(image=image, shapes=tuple(reversed(shapes)), background=background,
-                 distractors=distractors)
+    return Scene(image=image, shapes=tuple(reversed(shapes)), background=background, distractors=distractors)
 
 
 def _box_gap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
@@ -386,8 +401,9 @@ def _visible_enough(full_masks: Sequence[np.ndarray], min_visible: float) -> boo
     return True
 
 
-def render_scene(seed: int, config: ShapesWorldConfig | None = None, *, split: str = "demo",
-                 index: int = 0) -> Scene:
+def render_scene(
+    seed: int, config: ShapesWorldConfig | None = None, *, split: str = "demo", index: int = 0
+) -> Scene:
     """Render one scene deterministically; `split`/`index` reproduce that sample of a generated world."""
     config = config or ShapesWorldConfig(seed=seed)
     return sample_scene(_sample_rng(seed, split, index), config)
@@ -437,8 +453,9 @@ def askable_kinds(shapes: Sequence[ShapeSpec]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def make_question(rng: np.random.Generator, shapes: Sequence[ShapeSpec], kind: str,
-                  config: ShapesWorldConfig) -> tuple[str, str]:
+def make_question(
+    rng: np.random.Generator, shapes: Sequence[ShapeSpec], kind: str, config: ShapesWorldConfig
+) -> tuple[str, str]:
     """One (question, canonical short answer) pair of `kind` about `shapes` (see `askable_kinds`)."""
     shapes = sorted(shapes, key=lambda s: s.cell)
     if kind == "colour":
@@ -513,8 +530,9 @@ def _record(key: str, rounds: Sequence[tuple[str, str]], with_image: bool) -> di
     return record
 
 
-def _instruct_rounds(rng: np.random.Generator, shapes: Sequence[ShapeSpec],
-                     config: ShapesWorldConfig) -> list[tuple[str, str]]:
+def _instruct_rounds(
+    rng: np.random.Generator, shapes: Sequence[ShapeSpec], config: ShapesWorldConfig
+) -> list[tuple[str, str]]:
     options = ("describe", *askable_kinds(shapes))
     weights = np.array([config.describe_weight] + [1.0] * (len(options) - 1))
     n_rounds = min(int(rng.integers(1, config.max_rounds + 1)), len(options))
@@ -537,8 +555,9 @@ def lexicon_texts(config: ShapesWorldConfig) -> list[str]:
     """
     texts = [IMAGE_TOKEN + "\n" + DETAIL_PROMPT, *BRIEF_PROMPTS]
     texts += [t for pair in TEXT_FACTS for t in pair]
-    specs = [ShapeSpec(k, c, s, p) for k in config.kinds for c in config.colours for s in SIZES
-             for p in POSITIONS]
+    specs = [
+        ShapeSpec(k, c, s, p) for k in config.kinds for c in config.colours for s in SIZES for p in POSITIONS
+    ]
     for spec in specs:
         texts += [brief_caption([spec]), detailed_description([spec])]
     texts += [brief_caption(specs[:3]), detailed_description(specs[:3])]
@@ -591,11 +610,16 @@ def _val_sample(config: ShapesWorldConfig, index: int) -> dict[str, Any]:
     rles = []
     for shape in scene.ordered:
         rle = mask_utils.encode(np.asfortranarray(shape.mask.astype(np.uint8)))
-        rles.append({
-            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
-            "area": float(mask_utils.area(rle)),
-            "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-        })
+        rles.append(
+            {
+                "segmentation": {
+                    "size": [int(v) for v in rle["size"]],
+                    "counts": rle["counts"].decode("ascii"),
+                },
+                "area": float(mask_utils.area(rle)),
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+            }
+        )
     return {
         "png": _png_bytes(scene.image),
         "size": scene.image.size,
@@ -616,14 +640,24 @@ def _val_qa_sample(config: ShapesWorldConfig, index: int) -> dict[str, Any]:
     else:
         raise RuntimeError(f"could not draw a scene for a {kind!r} question")
     question, answer = make_question(rng, scene.shapes, kind, config)
-    item = {"id": f"qa-{index:06d}", "image": f"val_qa/images/qa-{index:06d}.png", "question": question,
-            "answer": answer, "kind": kind}
+    item = {
+        "id": f"qa-{index:06d}",
+        "image": f"val_qa/images/qa-{index:06d}.png",
+        "question": question,
+        "answer": answer,
+        "kind": kind,
+    }
     return {"png": _png_bytes(scene.image), "item": item}
 
 
-_SAMPLERS = types.MappingProxyType({
-    "pretrain": _pretrain_sample, "instruct": _instruct_sample, "val": _val_sample, "val_qa": _val_qa_sample,
-})
+_SAMPLERS = types.MappingProxyType(
+    {
+        "pretrain": _pretrain_sample,
+        "instruct": _instruct_sample,
+        "val": _val_sample,
+        "val_qa": _val_qa_sample,
+    }
+)
 
 
 def _sample_chunk(args: tuple[ShapesWorldConfig, str, int, int]) -> list[dict[str, Any]]:
@@ -704,7 +738,9 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _collect(samples: Iterable[dict[str, Any]], texts: list[str], stats: Counter[str]) -> Iterator[dict[str, Any]]:
+def _collect(
+    samples: Iterable[dict[str, Any]], texts: list[str], stats: Counter[str]
+) -> Iterator[dict[str, Any]]:
     # Gathers every text for the tokenizer check and the per-split statistics while samples stream by.
     for sample in samples:
         turns = sample["json"]["conversations"]
@@ -724,14 +760,18 @@ def _write_val(samples: Iterable[dict[str, Any]], folder: Path, texts: list[str]
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
         for mask in sample["masks"]:
             # COCO ids start at 1: COCOeval reads a matched id of 0 as "unmatched".
-            mask_anns.append({"id": len(mask_anns) + 1, "image_id": image_id, "category_id": 1, **mask,
-                              "iscrowd": 0})
+            mask_anns.append(
+                {"id": len(mask_anns) + 1, "image_id": image_id, "category_id": 1, **mask, "iscrowd": 0}
+            )
             area_fracs.append(mask["area"] / (width * height))
-        caption_anns.append({"id": image_id, "image_id": image_id, "caption": sample["caption"],
-                             "labels": sample["labels"]})
+        caption_anns.append(
+            {"id": image_id, "image_id": image_id, "caption": sample["caption"], "labels": sample["labels"]}
+        )
         texts.append(sample["caption"])
     categories = [{"id": 1, "name": "object"}]
-    _write_json(folder / "gcg_masks.json", {"images": images, "annotations": mask_anns, "categories": categories})
+    _write_json(
+        folder / "gcg_masks.json", {"images": images, "annotations": mask_anns, "categories": categories}
+    )
     _write_json(folder / "gcg_captions.json", {"images": images, "annotations": caption_anns})
     return {
         "num_images": len(images),
@@ -740,8 +780,9 @@ def _write_val(samples: Iterable[dict[str, Any]], folder: Path, texts: list[str]
     }
 
 
-def _write_val_qa(samples: Iterable[dict[str, Any]], config: ShapesWorldConfig, out_dir: Path,
-                  texts: list[str]) -> dict[str, Any]:
+def _write_val_qa(
+    samples: Iterable[dict[str, Any]], config: ShapesWorldConfig, out_dir: Path, texts: list[str]
+) -> dict[str, Any]:
     (out_dir / "val_qa" / "images").mkdir(parents=True, exist_ok=True)
     questions = []
     for sample in samples:
@@ -755,7 +796,9 @@ def _write_val_qa(samples: Iterable[dict[str, Any]], config: ShapesWorldConfig, 
         # The majority answer is the best a model that ignores the image can score.
         chance[kind] = max(answers.values()) / sum(answers.values()) if answers else 0.0
         uniform[kind] = 1.0 / len(qa_answer_space(kind, config))
-    _write_json(out_dir / "val_qa.json", {"questions": questions, "chance": chance, "uniform_chance": uniform})
+    _write_json(
+        out_dir / "val_qa.json", {"questions": questions, "chance": chance, "uniform_chance": uniform}
+    )
     return {"num_questions": len(questions), "chance": chance, "uniform_chance": uniform}
 
 
@@ -777,8 +820,9 @@ def _auto_workers(config: ShapesWorldConfig) -> int:
     return min(4, os.cpu_count() or 1) if total >= 2000 else 0
 
 
-def generate_world(config: ShapesWorldConfig, out_dir: str | Path, progress: bool = False,
-                   workers: int | None = None) -> dict[str, Any]:
+def generate_world(
+    config: ShapesWorldConfig, out_dir: str | Path, progress: bool = False, workers: int | None = None
+) -> dict[str, Any]:
     """Generate the whole world under `out_dir` (replacing a previous one) and return its summary.
 
     `workers` (default: automatic) only changes speed, never the output. `world.json` is written last,
@@ -798,10 +842,16 @@ def generate_world(config: ShapesWorldConfig, out_dir: str | Path, progress: boo
     executor = _Executor(_auto_workers(config) if workers is None else workers)
     try:
         with tqdm(total=total, disable=not progress, desc="shapes world", unit="sample") as bar:
-            pretrain = _write_shards(_collect(executor.map(config, "pretrain", config.n_pretrain, bar), texts,
-                                              pre_stats), out / "pretrain", config.samples_per_shard)
-            instruct = _write_shards(_collect(executor.map(config, "instruct", config.n_instruct, bar), texts,
-                                              ins_stats), out / "instruct", config.samples_per_shard)
+            pretrain = _write_shards(
+                _collect(executor.map(config, "pretrain", config.n_pretrain, bar), texts, pre_stats),
+                out / "pretrain",
+                config.samples_per_shard,
+            )
+            instruct = _write_shards(
+                _collect(executor.map(config, "instruct", config.n_instruct, bar), texts, ins_stats),
+                out / "instruct",
+                config.samples_per_shard,
+            )
             val = _write_val(executor.map(config, "val", config.n_val, bar), out / "val", texts)
             val_qa = _write_val_qa(executor.map(config, "val_qa", config.n_val_qa, bar), config, out, texts)
     finally:
@@ -809,7 +859,9 @@ def generate_world(config: ShapesWorldConfig, out_dir: str | Path, progress: boo
 
     unknown = unknown_words(tokenizer, texts)
     if unknown:
-        raise RuntimeError(f"texts with words missing from the tokenizer (lexicon_texts is incomplete): {unknown[:5]}")
+        raise RuntimeError(
+            f"texts with words missing from the tokenizer (lexicon_texts is incomplete): {unknown[:5]}"
+        )
 
     summary = {
         "format_version": FORMAT_VERSION,
@@ -820,7 +872,9 @@ def generate_world(config: ShapesWorldConfig, out_dir: str | Path, progress: boo
                 "num_samples": instruct["num_samples"],
                 "num_shards": len(instruct["shards"]),
                 "text_only": ins_stats["text_only"],
-                "rounds": {k.split("_")[1]: v for k, v in sorted(ins_stats.items()) if k.startswith("rounds_")},
+                "rounds": {
+                    k.split("_")[1]: v for k, v in sorted(ins_stats.items()) if k.startswith("rounds_")
+                },
             },
             "val_images": val["num_images"],
             "val_masks": val["num_masks"],
@@ -859,12 +913,16 @@ def load_world_summary(out_dir: str | Path) -> dict[str, Any] | None:
 def world_is_current(config: ShapesWorldConfig, out_dir: str | Path) -> bool:
     """Whether `out_dir` holds a complete world generated from `config` by this code version."""
     summary = load_world_summary(out_dir)
-    return (summary is not None and summary.get("format_version") == FORMAT_VERSION
-            and summary.get("config") == config.to_dict())
+    return (
+        summary is not None
+        and summary.get("format_version") == FORMAT_VERSION
+        and summary.get("config") == config.to_dict()
+    )
 
 
-def ensure_world(config: ShapesWorldConfig, out_dir: str | Path, progress: bool = False,
-                 workers: int | None = None) -> dict[str, Any]:
+def ensure_world(
+    config: ShapesWorldConfig, out_dir: str | Path, progress: bool = False, workers: int | None = None
+) -> dict[str, Any]:
     """Return the summary of the world in `out_dir`, generating it first unless it matches `config`."""
     if world_is_current(config, out_dir):
         summary = load_world_summary(out_dir)
@@ -879,7 +937,9 @@ def ensure_world(config: ShapesWorldConfig, out_dir: str | Path, progress: bool 
 
 def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     defaults = ShapesWorldConfig()
-    parser = argparse.ArgumentParser(prog="python -m datamodules.shapes", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m datamodules.shapes", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--out", default="data/shapes", help="output folder (default: data/shapes)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--n-pretrain", type=int, default=defaults.n_pretrain)
@@ -888,8 +948,12 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-val-qa", type=int, default=defaults.n_val_qa)
     parser.add_argument("--samples-per-shard", type=int, default=defaults.samples_per_shard)
     parser.add_argument("--force", action="store_true", help="regenerate even if the folder is up to date")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="worker processes (default: automatic; the output does not depend on it)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: automatic; the output does not depend on it)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(None if argv is None else list(argv))
 
@@ -897,9 +961,14 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
 def main(argv: Iterable[str] | None = None) -> int:
     """CLI entry point: generate (or keep) the shapes world and print its statistics."""
     args = _parse_args(argv)
-    config = ShapesWorldConfig(seed=args.seed, n_pretrain=args.n_pretrain, n_instruct=args.n_instruct,
-                               n_val=args.n_val, n_val_qa=args.n_val_qa,
-                               samples_per_shard=args.samples_per_shard)
+    config = ShapesWorldConfig(
+        seed=args.seed,
+        n_pretrain=args.n_pretrain,
+        n_instruct=args.n_instruct,
+        n_val=args.n_val,
+        n_val_qa=args.n_val_qa,
+        samples_per_shard=args.samples_per_shard,
+    )
     start = time.perf_counter()
     if world_is_current(config, args.out) and not args.force:
         summary, action = load_world_summary(args.out), "up to date"

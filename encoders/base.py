@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import lightning as L
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -51,22 +52,31 @@ class ImageTransform:
     def __call__(self, image: Image.Image) -> Tensor:
         image = image.convert("RGB")
         if self.aspect == "pad":
-            image = pad_to_square(image, tuple(round(255 * m) for m in self.mean))
-            image = image.resize((self.size, self.size), Image.BICUBIC)
+            # Resizing before padding gives LLaVA's geometry (pad to a centred square, then resize) while
+            # resampling far fewer pixels; the padding itself is a constant colour either way.
+            scale = self.size / max(image.size)
+            fitted = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(fitted, Image.BICUBIC, reducing_gap=3.0)
+            image = pad_to_square(image, tuple(round(255 * m) for m in self.mean), self.size)
         elif self.aspect == "crop":
             image = TF.resize(image, self.size, interpolation=TF.InterpolationMode.BICUBIC)
             image = TF.center_crop(image, [self.size, self.size])
         else:
             image = image.resize((self.size, self.size), Image.BICUBIC)
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        # torchvision's to_tensor + normalize cost ~4x this on CPU; same values (uint8 / 255, then affine).
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous().float()
+        mean = torch.tensor(self.mean).mul_(255.0).view(3, 1, 1)
+        std = torch.tensor(self.std).mul_(255.0).view(3, 1, 1)
+        return pixels.sub_(mean).div_(std)
 
 
-def pad_to_square(image: Image.Image, fill: Sequence[int]) -> Image.Image:
-    """Pad a PIL image to a centred max(W, H) square filled with ``fill`` (LLaVA's ``expand2square``)."""
+def pad_to_square(image: Image.Image, fill: Sequence[int], side: int | None = None) -> Image.Image:
+    """Pad a PIL image to a centred square (side max(W, H) by default) filled with ``fill`` (LLaVA's
+    ``expand2square``)."""
     width, height = image.size
-    if width == height:
+    side = side or max(width, height)
+    if width == height == side:
         return image
-    side = max(width, height)
     canvas = Image.new(image.mode, (side, side), tuple(fill))
     canvas.paste(image, ((side - width) // 2, (side - height) // 2))
     return canvas

@@ -277,6 +277,40 @@ def _json_id(image_id: Any) -> ImageId:
     return image_id
 
 
+def _point_in_mask(point: Sequence[float] | None, rle: RLE, where: str) -> bool:
+    """Whether an ``(x, y)`` point (pixels, floored; None = no point) lies inside a GT mask."""
+    if point is None:
+        return False
+    if len(point) != 2:
+        raise GroundingInputError(f"{where}: expected (x, y), got {point!r}")
+    x, y = math.floor(float(point[0])), math.floor(float(point[1]))
+    h, w = rle["size"]
+    return bool(0 <= x < w and 0 <= y < h and decode_rle(rle)[y, x])
+
+
+def _similarities(
+    similarity: SimilarityFn | None,
+    gt_phrases: list[str],
+    pred_phrases: list[str],
+    matrix: np.ndarray | Tensor | None,
+    what: str,
+) -> np.ndarray:
+    """The (GT phrases x predicted phrases) similarity matrix: given, computed, or zeros when one side is empty."""
+    if matrix is not None:
+        sims = np.asarray(matrix.detach().cpu() if isinstance(matrix, Tensor) else matrix, dtype=np.float64)
+    elif not gt_phrases or not pred_phrases:
+        sims = np.zeros((len(gt_phrases), len(pred_phrases)))
+    elif similarity is None:
+        raise GroundingInputError(f"{what}: no similarity model given and no similarity_matrix passed")
+    else:
+        sims = np.asarray(similarity(gt_phrases, pred_phrases), dtype=np.float64)
+    if sims.shape != (len(gt_phrases), len(pred_phrases)):
+        raise GroundingInputError(
+            f"similarity_matrix: expected shape {(len(gt_phrases), len(pred_phrases))}, got {sims.shape}"
+        )
+    return sims
+
+
 class _Base(Metric):
     is_differentiable = False
     higher_is_better = True
@@ -361,25 +395,7 @@ class GCGMaskRecall(_Base):
         gt_p = _phrases(gt_phrases, "gt_phrases")
         pred_p = _phrases(pred_phrases, "pred_phrases")
         ious = iou_matrix(gt, pred, what="GCGMaskRecall.update")
-        if similarity_matrix is not None:
-            sims = np.asarray(
-                similarity_matrix.detach().cpu()
-                if isinstance(similarity_matrix, Tensor)
-                else similarity_matrix,
-                dtype=np.float64,
-            )
-            if sims.shape != (len(gt_p), len(pred_p)):
-                raise GroundingInputError(
-                    f"similarity_matrix: expected shape {(len(gt_p), len(pred_p))}, got {sims.shape}"
-                )
-        elif not gt_p or not pred_p:
-            sims = np.zeros((len(gt_p), len(pred_p)))
-        elif self.similarity is None:
-            raise GroundingInputError(
-                "GCGMaskRecall: no similarity model given and no similarity_matrix passed"
-            )
-        else:
-            sims = np.asarray(self.similarity(gt_p, pred_p), dtype=np.float64)
+        sims = _similarities(self.similarity, gt_p, pred_p, similarity_matrix, "GCGMaskRecall")
         self.matched += gcg_recall_matches(ious, sims, self.iou_threshold, self.text_threshold)
         self.total += len(gt_p)
 
@@ -490,18 +506,8 @@ class PointingAccuracy(_Base):
             raise GroundingInputError(
                 f"pred_points: expected {len(pred)} points (one per predicted mask), got {len(points)}"
             )
-        hits = 0
-        for p, g, _ in greedy_iou_pairs(iou_matrix(pred, gt, what="PointingAccuracy.update")):
-            pt = points[p]
-            if pt is None:
-                continue
-            if len(pt) != 2:
-                raise GroundingInputError(f"pred_points[{p}]: expected (x, y), got {pt!r}")
-            x, y = math.floor(float(pt[0])), math.floor(float(pt[1]))
-            h, w = gt[g]["size"]
-            if 0 <= x < w and 0 <= y < h and decode_rle(gt[g])[y, x]:
-                hits += 1
-        self.hits += hits
+        pairs = greedy_iou_pairs(iou_matrix(pred, gt, what="PointingAccuracy.update"))
+        self.hits += sum(_point_in_mask(points[p], gt[g], f"pred_points[{p}]") for p, g, _ in pairs)
         self.total += len(gt)
 
     def compute(self) -> Tensor:
@@ -511,7 +517,7 @@ class PointingAccuracy(_Base):
         return self.hits.to(torch.float64) / self.total.to(torch.float64)
 
 
-class PhrasePointingAccuracy(_Base):
+class PhrasePointingAccuracy(PointingAccuracy):
     """Pointing accuracy with phrases matched by text: does the phrase's peak point land on the named object?
 
     Per image, GT phrases and predicted phrases are paired greedily by phrase similarity (highest first, each
@@ -528,10 +534,8 @@ class PhrasePointingAccuracy(_Base):
         super().__init__(**kwargs)
         self.similarity = similarity
         self.text_threshold = float(text_threshold)
-        self.add_state("hits", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
-    def update(
+    def update(  # type: ignore[override]
         self,
         gt_masks: Sequence[MaskLike] | Tensor | np.ndarray,
         gt_phrases: Sequence[str],
@@ -543,44 +547,21 @@ class PhrasePointingAccuracy(_Base):
         gt = _masks(gt_masks, "gt_masks")
         gt_p = _phrases(gt_phrases, "gt_phrases")
         pred_p = _phrases(pred_phrases, "pred_phrases")
+        points = list(pred_points)
         if len(gt_p) != len(gt):
             raise GroundingInputError(f"gt_phrases: expected {len(gt)} (one per GT mask), got {len(gt_p)}")
-        if len(pred_pts := list(pred_points)) != len(pred_p):
+        if len(points) != len(pred_p):
             raise GroundingInputError(
-                f"pred_points: expected {len(pred_p)} (one per phrase), got {len(pred_pts)}"
+                f"pred_points: expected {len(pred_p)} (one per phrase), got {len(points)}"
             )
-        if similarity_matrix is not None:
-            sims = np.asarray(torch.as_tensor(similarity_matrix).cpu(), dtype=np.float64)
-        elif not gt_p or not pred_p:
-            sims = np.zeros((len(gt_p), len(pred_p)))
-        elif self.similarity is None:
-            raise GroundingInputError("PhrasePointingAccuracy: no similarity model and no similarity_matrix")
-        else:
-            sims = np.asarray(self.similarity(gt_p, pred_p), dtype=np.float64)
-        if sims.shape != (len(gt_p), len(pred_p)):
-            raise GroundingInputError(
-                f"similarity_matrix: expected shape {(len(gt_p), len(pred_p))}, got {sims.shape}"
-            )
+        sims = _similarities(self.similarity, gt_p, pred_p, similarity_matrix, "PhrasePointingAccuracy")
         sims = np.where(sims >= self.text_threshold, sims, -np.inf)
-        hits = 0
         while sims.size and np.isfinite(sims.max()):
             g, p = np.unravel_index(int(np.argmax(sims)), sims.shape)
             sims[g, :] = -np.inf
             sims[:, p] = -np.inf
-            point = pred_pts[p]
-            if point is None:
-                continue
-            x, y = math.floor(float(point[0])), math.floor(float(point[1]))
-            h, w = gt[g]["size"]
-            if 0 <= x < w and 0 <= y < h and decode_rle(gt[g])[y, x]:
-                hits += 1
-        self.hits += hits
+            self.hits += int(_point_in_mask(points[p], gt[g], f"pred_points[{p}]"))
         self.total += len(gt)
-
-    def compute(self) -> Tensor:
-        if int(self.total) == 0:
-            return torch.tensor(0.0, dtype=torch.float64)
-        return self.hits.to(torch.float64) / self.total.to(torch.float64)
 
 
 # --------------------------------------------------------------------------------------------------------------

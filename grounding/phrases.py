@@ -118,7 +118,9 @@ def group_phrases(
             continue
         selected = maps[list(members)]
         combined = selected.amax(dim=0) if combine == "max" else selected.mean(dim=0)
-        phrases.append(Phrase(text=chunk.text, char_span=chunk.char_span, token_indices=members, map=combined))
+        phrases.append(
+            Phrase(text=chunk.text, char_span=chunk.char_span, token_indices=members, map=combined)
+        )
     return phrases
 
 

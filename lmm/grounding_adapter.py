@@ -44,4 +44,6 @@ class LMMGrounding:
         )
 
     def generate(self, batch: PreparedBatch, max_new_tokens: int) -> Tensor:
-        return self.model.generate_from(batch.inputs, max_new_tokens=max_new_tokens, eos_token_id=self.stop_token_ids)
+        return self.model.generate_from(
+            batch.inputs, max_new_tokens=max_new_tokens, eos_token_id=self.stop_token_ids
+        )

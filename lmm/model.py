@@ -65,7 +65,11 @@ class PromptBatch:
 
 class LMM(L.LightningModule):
     def __init__(
-        self, encoder: Any, projector: ProjectorConfig, llm: LLMConfig, llm_backbone: LLMBackbone | None = None
+        self,
+        encoder: Any,
+        projector: ProjectorConfig,
+        llm: LLMConfig,
+        llm_backbone: LLMBackbone | None = None,
     ) -> None:
         """``llm_backbone``: an already built ``LLMBackbone`` (released checkpoints, ``lmm.llava_checkpoint``)
         used instead of building one from ``llm``."""

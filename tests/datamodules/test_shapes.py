@@ -141,8 +141,8 @@ def test_scene_masks_match_pixels_for_every_kind():
             seen.add(shape.kind)
             assert shape.mask.any() and (pixels[shape.mask] == COLOUR_RGB[shape.colour]).all()
             x0, y0, x1, y1 = shape.box
-            assert not shape.mask[:y0].any() and not shape.mask[y1 + 1:].any()
-            assert not shape.mask[:, :x0].any() and not shape.mask[:, x1 + 1:].any()
+            assert not shape.mask[:y0].any() and not shape.mask[y1 + 1 :].any()
+            assert not shape.mask[:, :x0].any() and not shape.mask[:, x1 + 1 :].any()
         for colour, rgb in COLOUR_RGB.items():
             union = np.zeros(pixels.shape[:2], bool)
             for shape in scene.shapes:

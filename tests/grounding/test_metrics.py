@@ -484,5 +484,7 @@ def test_phrase_pointing_matches_by_text_not_by_mask():
     metric.update([red, blue], ["red", "blue"], ["red", "blue"], [(7, 7), (8.9, 9.2)], similarity_matrix=sims)
     assert float(metric.compute()) == 0.5
     # A GT phrase with no prediction above the text threshold is a miss; greedy takes the best pair first.
-    metric.update([red, blue], ["red", "blue"], ["a red thing"], [(1, 1)], similarity_matrix=np.array([[0.6], [0.7]]))
+    metric.update(
+        [red, blue], ["red", "blue"], ["a red thing"], [(1, 1)], similarity_matrix=np.array([[0.6], [0.7]])
+    )
     assert float(metric.compute()) == 1 / 4  # the single prediction pairs with "blue" (0.7) and misses it

