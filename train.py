@@ -172,6 +172,8 @@ def run_stage(config, model, name: str, requeue: RequeueSignal | None = None) ->
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     if any(getattr(cb, "requeued", False) for cb in cluster_callbacks):
         raise Requeued(f"stage {name} saved a requeue checkpoint at step {trainer.global_step}")
+    # ModelCheckpoint's save_last at train end is skipped when its last periodic save already set its
+    # "last saved" flag (a step before the end), so last.ckpt must be written here to hold the final step.
     trainer.save_checkpoint(ckpt_path, weights_only=False)
     if trainer.is_global_zero:
         for old in ckpt_path.parent.glob("hpc_ckpt_*.ckpt"):  # superseded by last.ckpt

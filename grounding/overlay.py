@@ -69,14 +69,11 @@ def draw_overlay(
         cx, cy = (x + 0.5) * scale, (y + 0.5) * scale
         r = max(4, display_size // 60)
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour, outline=(255, 255, 255), width=2)
-        tx = min(cx + r + 2, size[0] - 8 * len(phrase))
+        text_w, text_h = draw.textbbox((0, 0), phrase, font=font)[2:]
+        tx = min(max(cx + r + 2, 0), max(size[0] - text_w - 2, 0))
+        ty = cy - r - text_h - 2 if cy + text_h + r > size[1] else cy - r  # keep the label inside the image
         draw.text(
-            (max(tx, 0), cy - r),
-            phrase,
-            fill=(255, 255, 255),
-            font=font,
-            stroke_width=2,
-            stroke_fill=(0, 0, 0),
+            (tx, max(ty, 0)), phrase, fill=(255, 255, 255), font=font, stroke_width=2, stroke_fill=(0, 0, 0)
         )
 
     tiles = []

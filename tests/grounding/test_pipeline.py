@@ -50,7 +50,19 @@ def test_callback_logs_grounding_for_both_stages(trained_run):
 
 def test_infer_then_evaluate_cli_matches_the_callback(trained_run, tiny_world, tmp_path):
     pred_dir = tmp_path / "pred"
-    common = ["--run", str(trained_run), "--spacy-model", SPACY, "--max-new-tokens", "12"]
+    # The callback ran with the default config's phrase grouping; the CLI must be given the same.
+    common = [
+        "--run",
+        str(trained_run),
+        "--spacy-model",
+        SPACY,
+        "--max-new-tokens",
+        "12",
+        "--phrase-tokens",
+        "chunk",
+        "--combine",
+        "mean",
+    ]
     val = tiny_world / "val"
     # Only the callback's 4 images: evaluate against GT files restricted to them.
     masks, caps = (json.loads((val / f).read_text()) for f in ("gcg_masks.json", "gcg_captions.json"))
