@@ -925,12 +925,25 @@ def world_is_current(config: ShapesWorldConfig, out_dir: str | Path) -> bool:
 def ensure_world(
     config: ShapesWorldConfig, out_dir: str | Path, progress: bool = False, workers: int | None = None
 ) -> dict[str, Any]:
-    """Return the summary of the world in `out_dir`, generating it first unless it matches `config`."""
-    if world_is_current(config, out_dir):
-        summary = load_world_summary(out_dir)
-        assert summary is not None
-        return summary
-    return generate_world(config, out_dir, progress=progress, workers=workers)
+    """Return the summary of the world in `out_dir`, generating it first unless it matches `config`.
+
+    Safe to call from every rank of a run at once: an exclusive lock file beside `out_dir` makes the first
+    caller generate while the others wait and then find the world current.
+    """
+    import fcntl
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if world_is_current(config, out_dir):
+                summary = load_world_summary(out_dir)
+                assert summary is not None
+                return summary
+            return generate_world(config, out_dir, progress=progress, workers=workers)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------------------------------

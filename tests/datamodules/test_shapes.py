@@ -424,3 +424,21 @@ def test_cli(tmp_path, capsys):
     assert summary["config"]["seed"] == 2 and summary["counts"]["pretrain"]["num_shards"] == 2
     assert main(args) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+def test_ensure_world_from_two_processes_at_once_generates_once(tmp_path):
+    """Two ranks starting together: one generates under the lock, the other finds the world current."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from datamodules.shapes import ShapesWorldConfig, ensure_world; "
+        "ensure_world(ShapesWorldConfig(n_pretrain=8, n_instruct=8, n_val=2, n_val_qa=2), sys.argv[1])"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "w")]) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    from datamodules.shapes import ShapesWorldConfig, world_is_current
+
+    assert world_is_current(
+        ShapesWorldConfig(n_pretrain=8, n_instruct=8, n_val=2, n_val_qa=2), tmp_path / "w"
+    )
