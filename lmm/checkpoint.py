@@ -30,7 +30,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: reading a 7B stage checkpoint for its step count must not pull every tensor into memory.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
         raise ValueError(f"checkpoint {path} cannot be read ({str(err).splitlines()[0]})") from None
 
