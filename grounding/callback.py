@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from grounding.attend import AttendAndSegment, GroundedResponse
-from grounding.coco_io import GCGGroundTruth, load_gcg_ground_truth, read_json
+from grounding.coco_io import GCGGroundTruth, load_gcg_ground_truth
 from grounding.evaluate import evaluate_gcg
 from grounding.metrics import PhrasePointingAccuracy
 
@@ -64,12 +64,7 @@ class GroundingSet:
 
     @classmethod
     def load(cls, folder: Path, limit: int | None = None) -> GroundingSet:
-        captions = folder / "gcg_captions.json"
-        gt = load_gcg_ground_truth(folder / "gcg_masks.json", captions)
-        names = {
-            img["id"]: img.get("file_name")
-            for img in read_json(captions, "GT caption (COCO captions)")["images"]
-        }
+        gt = load_gcg_ground_truth(folder / "gcg_masks.json", folder / "gcg_captions.json")
         if limit is not None:
             keep = set(gt.eval_ids[:limit])
             gt = GCGGroundTruth(
@@ -77,9 +72,10 @@ class GroundingSet:
             )
         files = {}
         for iid in gt.eval_ids:
-            if not names.get(iid):
-                raise ValueError(f"{captions}: image {iid!r} has no file_name")
-            files[iid] = folder / "images" / names[iid]
+            name = gt.images[iid].file_name
+            if not name:
+                raise ValueError(f"{folder / 'gcg_masks.json'}: image {iid!r} has no file_name")
+            files[iid] = folder / "images" / name
         return cls(gt, files)
 
 
@@ -190,6 +186,7 @@ class GroundingCallback(L.Callback):
         from grounding.overlay import draw_overlay
 
         step = trainer.global_step
+        aspect = pl_module.groundable().aspect
         scalars = {
             f"grounding/{k}": float(v)
             for k, v in metrics.items()
@@ -200,7 +197,6 @@ class GroundingCallback(L.Callback):
             experiment = getattr(logger, "experiment", None)
             if experiment is None or not hasattr(experiment, "add_image"):
                 continue
-            aspect = pl_module.groundable().aspect
             for i, iid in enumerate(data.gt.eval_ids[: self.config.overlays]):
                 r = results[iid]
                 panel = draw_overlay(

@@ -258,6 +258,7 @@ class GCGImage:
     gt_iscrowd: list[bool] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
+    file_name: str | None = None  # the image file (GT mask file's ``file_name``), when given
 
 
 @dataclass
@@ -301,7 +302,7 @@ def load_gcg_ground_truth(mask_file: str | Path, caption_file: str | Path) -> GC
         w = _require(img, "width", int, where)
         if iid in images:
             raise GroundingInputError(f"{where}: duplicate image id {iid!r}")
-        images[iid] = GCGImage(image_id=iid, height=h, width=w)
+        images[iid] = GCGImage(image_id=iid, height=h, width=w, file_name=img.get("file_name"))
     for i, ann in enumerate(mdata["annotations"]):
         where = f"{mask_file}: annotations[{i}]"
         iid = _require(ann, "image_id", (int, str), where)
