@@ -71,8 +71,7 @@ def run_stage(config, model, name: str, requeue: RequeueSignal | None = None) ->
 
     from datamodules.shards import ShardDataModule, SkippedSamplesLogger
     from lmm.checkpoint import load_stage_weights, read_checkpoint, stage_checkpoint
-    from lmm.preprocess import SampleEncoder, collate
-    from lmm.templates import get_template
+    from lmm.preprocess import collate
 
     stage = config.stages[name]
     model.configure_stage(name, stage)
@@ -85,13 +84,7 @@ def run_stage(config, model, name: str, requeue: RequeueSignal | None = None) ->
         )
     accumulate = stage.global_batch_size // per_step
     data_dir = Path(stage.data) if Path(stage.data).is_absolute() else Path(config.data.root) / stage.data
-    encode = SampleEncoder(
-        model.llm.tokenizer,
-        get_template(stage.template),
-        model.encoder.num_tokens,
-        stage.max_length,
-        model.encoder.image_transform(stage.aspect),
-    )
+    encode = model.sample_encoder(stage)
     datamodule = ShardDataModule(
         data_dir,
         encode,

@@ -30,8 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 from datamodules.shapes import ShapesWorldConfig, generate_world  # noqa: E402
 from lmm.checkpoint import build_model  # noqa: E402
 from lmm.config import load_config  # noqa: E402
-from lmm.preprocess import SampleEncoder, collate  # noqa: E402
-from lmm.templates import get_template  # noqa: E402
+from lmm.preprocess import collate  # noqa: E402
 
 
 class RepeatBatch(IterableDataset):
@@ -59,13 +58,7 @@ def fixed_batch(model, root: Path, stage) -> dict:
 
     from datamodules.shards import ShardIndex, decode_sample
 
-    encode = SampleEncoder(
-        model.llm.tokenizer,
-        get_template(stage.template),
-        model.encoder.num_tokens,
-        stage.max_length,
-        model.encoder.image_transform(stage.aspect),
-    )
+    encode = model.sample_encoder(stage)
     index = ShardIndex.load(root / stage.data)
     samples = []
     for raw in wds.tariterators.tarfile_samples([{"url": index.urls[0]}]):

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from encoders.base import VisualEncoder, build_encoder
 from lmm.llm import LLMBackbone, LLMConfig, LoraConfig
-from lmm.preprocess import IGNORE_INDEX
+from lmm.preprocess import IGNORE_INDEX, SampleEncoder
 from lmm.projector import Projector, ProjectorConfig
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,19 @@ class LMM(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_keys(self, checkpoint["state_dict"], checkpoint.get("lmm", {}).get("stage"))
+
+    def sample_encoder(self, stage: StageConfig) -> SampleEncoder:
+        """The per-sample preprocessing of a stage: its template, max length and image aspect, this model's
+        tokenizer and visual-token count."""
+        from lmm.templates import get_template
+
+        return SampleEncoder(
+            self.llm.tokenizer,
+            get_template(stage.template),
+            self.encoder.num_tokens,
+            stage.max_length,
+            self.encoder.image_transform(stage.aspect),
+        )
 
     # ------------------------------------------------------------------------------------- generation
     def groundable(self) -> Any:
