@@ -2,12 +2,18 @@
 
 Builds a fake LLaVA-1.5 data set in a temporary folder (photo-like JPEGs of COCO size, 665K-style
 multi-turn conversations, one in six text-only), converts it with ``datamodules.convert`` (entries/s),
-then reads the same shards two ways, each in the same number of dataloader workers, alternating rounds
+then reads the same shards three ways, each in the same number of dataloader workers, alternating rounds
 so that load drifts on a shared machine hit both alike:
 
 - bare: ``webdataset.WebDataset(urls).decode("pil")``, touching every decoded image (read + decode only);
-- datamodule: ``ShardDataModule`` batches for one epoch (read, decode, CLIP-336 "pad" transform,
-  vicuna_v1 template, tokenise, label mask, 576 image tokens, collate into batches of 16).
+- stream decode-only: the datamodule's own reading and decoding (simplejpeg for JPEGs, into uint8 arrays)
+  with an identity sample encoder, which separates its decoding speed from the text work;
+- datamodule: ``ShardDataModule`` batches for one epoch (read, decode to uint8, vicuna_v1 template,
+  tokenise, label mask, 576 image tokens, collate into batches of 16 with the images packed).
+
+The CLIP-336 "pad" resize and normalisation run after the batch reaches the accelerator
+(``LMM.prepare_batch`` in the training step), not in the datamodule; the table also shows what that step costs when
+it runs on this machine's CPU, per batch, measured on the first batches of the epoch.
 
 Prints one table; goal: datamodule >= 0.9 x bare.
 
@@ -38,12 +44,10 @@ from torch.utils.data import DataLoader  # noqa: E402
 from datamodules.convert import convert  # noqa: E402
 from datamodules.shards import ShardDataModule, ShardIndex  # noqa: E402
 from datamodules.word_tokenizer import build_word_tokenizer  # noqa: E402
-from encoders.base import ImageTransform  # noqa: E402
-from lmm.preprocess import SampleEncoder, collate  # noqa: E402
+from encoders.base import CLIP_MEAN, CLIP_STD, ImageTransform  # noqa: E402
+from lmm.preprocess import SampleEncoder, collate, unpack_images  # noqa: E402
 from lmm.templates import get_template  # noqa: E402
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 WORDS = "the a red blue green small large circle square triangle left right top bottom of in is what color where how many shapes image picture there are".split()
 
 
@@ -107,25 +111,39 @@ def count_only(samples: list[dict]) -> dict:
     return {"input_ids": torch.zeros(len(samples), 1)}
 
 
-def datamodule_loop(shards: Path, workers: int, full: bool = True, batch_size: int = 16) -> tuple[int, float]:
+def datamodule_loop(
+    shards: Path, workers: int, full: bool = True, batch_size: int = 16, keep: int = 0
+) -> tuple[int, float, list[dict]]:
     if full:
         tok = build_word_tokenizer([" ".join(WORDS) + "."])
-        encode = SampleEncoder(
-            tok, get_template("vicuna_v1"), 576, 2048, ImageTransform(336, CLIP_MEAN, CLIP_STD, "pad")
-        )
+        encode = SampleEncoder(tok, get_template("vicuna_v1"), 576, 2048)
         batcher = partial(collate, pad_token_id=tok.pad_token_id)
     else:
         encode, batcher = decoded_only, count_only
     dm = ShardDataModule(shards, encode, batcher, batch_size, num_workers=workers)
     loader = dm.train_dataloader()
+    kept: list[dict] = []
     start, n = time.perf_counter(), 0
     for i, batch in enumerate(loader):
         n += batch["input_ids"].shape[0]
+        if len(kept) < keep:
+            kept.append(batch)
         if i + 1 == dm.batches_per_epoch:
             break
     seconds = time.perf_counter() - start
     del loader
-    return n, seconds
+    return n, seconds, kept
+
+
+def device_transform_ms(batches: list[dict]) -> float:
+    """Milliseconds per batch of unpacking + CLIP-336 pad transform, as the LightningModule runs it."""
+    transform = ImageTransform(336, CLIP_MEAN, CLIP_STD, "pad")
+    images = [b for b in batches if "image_sizes" in b]
+    transform.batch(unpack_images(images[0]["images"], images[0]["image_sizes"]))  # warm-up
+    start = time.perf_counter()
+    for batch in images:
+        transform.batch(unpack_images(batch["images"], batch["image_sizes"]))
+    return (time.perf_counter() - start) / len(images) * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,14 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         index = convert(json_path, [images], root / "shards", samples_per_shard=100, workers=0)
         convert_rate = args.samples / (time.perf_counter() - start)
-        bare, stream, dm = [], [], []
+        bare, stream, dm, transform_ms = [], [], [], []
         for _ in range(args.rounds):
             n, s = bare_loop(root / "shards", args.workers)
             bare.append(n / s)
-            n, s = datamodule_loop(root / "shards", args.workers, full=False)
+            n, s, _ = datamodule_loop(root / "shards", args.workers, full=False)
             stream.append(n / s)
-            n, s = datamodule_loop(root / "shards", args.workers)
+            n, s, kept = datamodule_loop(root / "shards", args.workers, keep=4)
             dm.append(n / s)
+            transform_ms.append(device_transform_ms(kept))
         b, st, d = statistics.median(bare), statistics.median(stream), statistics.median(dm)
         print(
             f"{args.samples} samples ({index['text_only']} text-only), {args.workers} worker(s), "
@@ -159,11 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {'what':<58} | {'samples/s':>10} |")
         print(f"|{'-' * 60}|{'-' * 12}|")
         print(f"| {'converter (JSON + JPEG check -> shards, 1 process)':<58} | {convert_rate:>10.1f} |")
-        print(f"| {'bare WebDataset loop (read + decode)':<58} | {b:>10.1f} |")
-        print(f"| {'datamodule stream, decode only (identity encode)':<58} | {st:>10.1f} |")
-        print(f"| {'datamodule (decode, transform, template, tokenise, batch)':<58} | {d:>10.1f} |")
+        print(f"| {'bare WebDataset loop (read + PIL decode)':<58} | {b:>10.1f} |")
+        print(f"| {'datamodule stream, read + decode only (identity encode)':<58} | {st:>10.1f} |")
+        print(f"| {'datamodule (decode, template, tokenise, pack batch)':<58} | {d:>10.1f} |")
         print(f"| {'ratio stream decode-only / bare':<58} | {st / b:>10.2f} |")
         print(f"| {'ratio datamodule / bare (goal >= 0.9)':<58} | {d / b:>10.2f} |")
+        print(f"| {'ratio datamodule / its own decode-only stream':<58} | {d / st:>10.2f} |")
+        ms = statistics.median(transform_ms)
+        print(f"| {'device-side pad transform on this CPU, ms per batch of 16':<58} | {ms:>10.1f} |")
     return 0
 
 

@@ -78,7 +78,10 @@ def bare_loop(model, batch: dict, steps: int, warmup: int, clip: float | None) -
     times = []
     for i in range(steps + warmup):
         start = time.perf_counter()
-        loss = model(batch["input_ids"], batch["attention_mask"], batch.get("images"), batch["labels"]).loss
+        inputs = model.prepare_batch(batch)  # the device-side image transform Lightning runs after transfer
+        loss = model(
+            inputs["input_ids"], inputs["attention_mask"], inputs.get("images"), inputs["labels"]
+        ).loss
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)

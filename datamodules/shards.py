@@ -37,8 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import simplejpeg
+import torch
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from encoders.base import to_uint8_image
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +145,26 @@ def read_shard(url: str, skip: int, take: int) -> Iterator[dict[str, Any]]:
         yield sample
 
 
-def decode_sample(sample: dict[str, Any]) -> tuple[dict, Image.Image | None]:
-    """A raw tar sample -> (LLaVA record, PIL image or None). Only JSON and image members are decoded.
+def decode_image(data: bytes) -> Tensor:
+    """Encoded image bytes -> ``(H, W, 3)`` uint8 RGB tensor. Raises ``ValueError`` or ``OSError`` when unreadable.
+
+    JPEGs (nearly all of LLaVA's data) go through simplejpeg, which decodes with libjpeg-turbo straight
+    into a writable array (PIL decodes into its own storage and then copies it out); it runs strictly, so
+    a damaged JPEG falls through to PIL, which reads what it can or raises. Other formats go to PIL.
+    """
+    if data[:3] == b"\xff\xd8\xff":
+        try:
+            return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB"))
+        except ValueError:
+            pass  # PIL decides: it reads what libjpeg-turbo's strict mode declines, or raises
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return to_uint8_image(image)
+
+
+def decode_sample(sample: dict[str, Any]) -> tuple[dict, Tensor | None]:
+    """A raw tar sample -> (LLaVA record, ``(H, W, 3)`` uint8 image or None). Only JSON and image members
+    are decoded.
 
     Raises SkipSample (``bad_json`` or ``corrupt_image``) for a member that cannot be decoded.
     """
@@ -157,9 +180,7 @@ def decode_sample(sample: dict[str, Any]) -> tuple[dict, Image.Image | None]:
     for ext in IMAGE_EXTENSIONS:
         if ext in sample:
             try:
-                image = Image.open(io.BytesIO(sample[ext]))
-                image.load()
-                image = image.convert("RGB")
+                image = decode_image(sample[ext])
             except Exception as err:  # PIL raises many types for corrupt files
                 raise SkipSample("corrupt_image", f"{ext}: {err}") from None
             break

@@ -133,7 +133,8 @@ class LMM(L.LightningModule):
         embeds = self.embed_inputs(input_ids, images)
         return self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        batch = self.prepare_batch(batch)
         out = self(batch["input_ids"], batch["attention_mask"], batch.get("images"), batch["labels"])
         n = batch["input_ids"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
@@ -187,17 +188,30 @@ class LMM(L.LightningModule):
         check_checkpoint_keys(self, checkpoint["state_dict"], checkpoint.get("lmm", {}).get("stage"))
 
     def sample_encoder(self, stage: StageConfig) -> SampleEncoder:
-        """The per-sample preprocessing of a stage: its template, max length and image aspect, this model's
-        tokenizer and visual-token count."""
+        """The per-sample preprocessing of a stage: its template and max length, this model's tokenizer and
+        visual-token count (the stage's image aspect is applied on the device, see ``prepare_batch``)."""
         from lmm.templates import get_template
 
         return SampleEncoder(
-            self.llm.tokenizer,
-            get_template(stage.template),
-            self.encoder.num_tokens,
-            stage.max_length,
-            self.encoder.image_transform(stage.aspect),
+            self.llm.tokenizer, get_template(stage.template), self.encoder.num_tokens, stage.max_length
         )
+
+    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Turn a collated batch's packed uint8 images (already on this module's device) into the encoder's
+        normalised input, with the current stage's aspect; ``training_step`` runs it, so the resize and
+        normalisation happen on the accelerator. Batches without packed images pass unchanged."""
+        if "image_sizes" not in batch:
+            return batch
+        from lmm.preprocess import unpack_images
+
+        if self.stage is None:
+            raise RuntimeError(
+                "configure_stage() must run before training batches: the stage sets the image aspect"
+            )
+        transform = self.encoder.image_transform(self.stage.aspect)
+        out = {k: v for k, v in batch.items() if k != "image_sizes"}
+        out["images"] = transform.batch(unpack_images(batch["images"], batch["image_sizes"]))
+        return out
 
     # ------------------------------------------------------------------------------------- generation
     def groundable(self) -> Any:

@@ -1,24 +1,30 @@
-"""Turning one LLaVA record into model inputs (token ids, labels, image tensor), and batching them.
+"""Turning one LLaVA record into model inputs (token ids, labels, uint8 image), and batching them.
 
 ``SampleEncoder`` runs inside dataloader workers: it renders the conversation with a template, tokenises
 it once with character offsets, derives the label mask from the template's target spans, expands the single
-``<image>`` token into the encoder's N visual-token slots, truncates to the maximum length and applies the
-image transform. Records that cannot train (no assistant turn, nothing left to learn after truncation, an
+``<image>`` token into the encoder's N visual-token slots and truncates to the maximum length. The image is
+passed on as decoded uint8 pixels; resizing and normalising happen on the accelerator after the batch is
+transferred (``ImageTransform.batch``, called by ``LMM.prepare_batch`` in the training step), so workers do little
+more than decode. Records that cannot train (no assistant turn, nothing left to learn after truncation, an
 image placeholder without an image) raise ``SkipSample`` with a reason the datamodule counts and logs.
-``collate`` right-pads a list of encoded samples into one batch of image and text-only samples together.
+``collate`` right-pads a list of encoded samples into one batch of image and text-only samples together,
+packing the batch's images into one flat uint8 buffer (one shared-memory block, one host-to-device copy).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from torch.utils.data import get_worker_info
 
 from datamodules.shards import SkipSample
+from encoders.base import to_uint8_image
 from lmm.templates import IMAGE_PLACEHOLDER, ConversationError, Template
 
 IGNORE_INDEX = -100
@@ -31,39 +37,62 @@ def image_token_id(tokenizer: Any) -> int:
     return token_id
 
 
+#: ``_IS_SPACE[c]``: does ``str.isspace`` accept code point ``c``? No code point above U+3000 is
+#: whitespace, so larger ones are clipped onto the final ``False`` entry.
+_IS_SPACE = np.array([chr(c).isspace() for c in range(0x3001)] + [False])
+
+
 def token_labels(
     text: str, offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
 ) -> list[bool]:
     """For each token (character offsets into ``text``): is it inside one of the target spans?
 
     A token's leading whitespace is ignored, because tokenizers attach the space before a word to the
-    word ("▁Red" covers " Red"), while the target span starts at the word itself.
+    word ("▁Red" covers " Red"), while the target span starts at the word itself. A whitespace-only token
+    (the "\n" ending a plain caption) keeps its whole span.
     """
-    flags = []
-    for start, end in offsets:
-        first = start
-        while first < end and text[first].isspace():
-            first += 1
-        if first == end:  # a whitespace-only token ("\n" ending a plain caption) keeps its whole span
-            first = start
-        flags.append(start < end and any(s <= first and end <= e for s, e in spans))
-    return flags
+    if not len(offsets):
+        return []
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    start, end = bounds[:, 0], bounds[:, 1]
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+    visible = np.flatnonzero(~_IS_SPACE[np.minimum(codes, len(_IS_SPACE) - 1)])
+    # The first visible character at or after each token's start (len(text) when there is none).
+    at = np.searchsorted(visible, start)
+    first = np.append(visible, len(text))[at]
+    first = np.where(first < end, first, start)
+    inside = np.zeros(len(start), dtype=bool)
+    for span_start, span_end in spans:
+        inside |= (span_start <= first) & (end <= span_end)
+    return (inside & (start < end)).tolist()
 
 
 @dataclasses.dataclass
 class SampleEncoder:
-    """LLaVA record (+ PIL image or None) -> {input_ids, labels, image}; picklable for dataloader workers."""
+    """LLaVA record (+ image or None) -> {input_ids, labels[, image]}; picklable for dataloader workers.
+
+    ``image`` comes out as ``(H, W, 3)`` uint8 at the decoded size (see ``ImageTransform``).
+    """
 
     tokenizer: Any
     template: Template
     num_image_tokens: int
     max_length: int
-    image_transform: Callable[[Image.Image], Tensor] | None = None
 
     def __post_init__(self) -> None:
         self.image_id = image_token_id(self.tokenizer)
 
-    def __call__(self, record: dict, image: Image.Image | None) -> dict[str, Tensor]:
+    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and character offsets, special tokens added. A fast tokenizer's Rust backend is called
+        directly: the same encoding its Python wrapper returns, without the wrapper's per-call overhead."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            encoding = backend.encode(text, add_special_tokens=True)
+            return encoding.ids, encoding.offsets
+        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+        return enc["input_ids"], enc["offset_mapping"]
+
+    def __call__(self, record: dict, image: Image.Image | Tensor | None) -> dict[str, Tensor]:
         has_image = image is not None
         if not has_image and record.get("image"):
             raise SkipSample("missing_image", str(record.get("image")))
@@ -71,35 +100,37 @@ class SampleEncoder:
             rendered = self.template.render(record.get("conversations"), has_image)
         except ConversationError as err:
             raise SkipSample("bad_conversation", str(err)) from None
-        enc = self.tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=True)
-        ids: list[int] = list(enc["input_ids"])
-        targets = token_labels(rendered.text, enc["offset_mapping"], rendered.target_spans)
-        labels = [t if is_target else IGNORE_INDEX for t, is_target in zip(ids, targets, strict=True)]
+        token_ids, offsets = self._tokenize(rendered.text)
+        ids = np.asarray(token_ids, dtype=np.int64)
+        targets = np.asarray(token_labels(rendered.text, offsets, rendered.target_spans), dtype=bool)
+        labels = np.where(targets, ids, IGNORE_INDEX)
+        n = self.num_image_tokens
         if has_image:
-            where = [i for i, t in enumerate(ids) if t == self.image_id]
+            where = np.flatnonzero(ids == self.image_id)
             if len(where) != 1:
                 raise SkipSample("bad_conversation", f"{len(where)} image placeholders after tokenisation")
-            i = where[0]
-            n = self.num_image_tokens
-            ids = ids[:i] + [self.image_id] * n + ids[i + 1 :]
-            labels = labels[:i] + [IGNORE_INDEX] * n + labels[i + 1 :]
+            i = int(where[0])
+            if i + n > self.max_length:
+                raise SkipSample(
+                    "too_long", f"{len(ids) - 1 + n} tokens, image does not fit in {self.max_length}"
+                )
+            ids = np.concatenate([ids[:i], np.full(n, self.image_id), ids[i + 1 :]])
+            labels = np.concatenate([labels[:i], np.full(n, IGNORE_INDEX), labels[i + 1 :]])
         truncated = len(ids) > self.max_length
         if truncated:
-            if has_image and ids.index(self.image_id) + self.num_image_tokens > self.max_length:
-                raise SkipSample("too_long", f"{len(ids)} tokens, image does not fit in {self.max_length}")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
-        if all(label == IGNORE_INDEX for label in labels):
+        if (labels == IGNORE_INDEX).all():
             raise SkipSample("too_long" if truncated else "bad_conversation", "no target token left")
-        out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
         if has_image:
-            if self.image_transform is None:
-                raise ValueError("SampleEncoder got an image but has no image_transform")
-            out["image"] = self.image_transform(image)
+            out["image"] = to_uint8_image(image)
         return out
 
 
-def collate(samples: Sequence[dict[str, Tensor]], pad_token_id: int) -> dict[str, Tensor]:
-    """Right-pad a list of encoded samples; ``images`` holds the images of the samples that have one, in order."""
+def collate(samples: Sequence[dict[str, Tensor]], pad_token_id: int) -> dict[str, Any]:
+    """Right-pad a list of encoded samples. The images of the samples that have one, in order, are packed
+    into ``images`` (flat uint8) with their ``image_sizes`` ((H, W) pairs, kept as Python ints so reading
+    them on the device side needs no synchronisation); ``unpack_images`` undoes it."""
     length = max(len(s["input_ids"]) for s in samples)
     batch = len(samples)
     input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
@@ -110,8 +141,26 @@ def collate(samples: Sequence[dict[str, Tensor]], pad_token_id: int) -> dict[str
         input_ids[row, :n] = sample["input_ids"]
         labels[row, :n] = sample["labels"]
         attention_mask[row, :n] = 1
-    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    out: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     images = [s["image"] for s in samples if "image" in s]
     if images:
-        out["images"] = torch.stack(images)
+        flat = [image.reshape(-1) for image in images]
+        packed = None
+        if get_worker_info() is not None:
+            # As torch's default_collate does: build the batch in shared memory inside a worker, so handing
+            # it to the main process does not copy every image a second time.
+            storage = flat[0]._typed_storage()._new_shared(sum(f.numel() for f in flat))
+            packed = flat[0].new(storage)
+        out["images"] = torch.cat(flat, out=packed)
+        out["image_sizes"] = [(int(image.shape[0]), int(image.shape[1])) for image in images]
     return out
+
+
+def unpack_images(flat: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """The inverse of ``collate``'s packing: views ``(H, W, 3)`` into ``flat`` (on whatever device it is)."""
+    counts = [height * width * 3 for height, width in sizes]
+    if sum(counts) != flat.numel():
+        raise ValueError(
+            f"packed images hold {flat.numel()} bytes but their sizes {list(sizes)} need {sum(counts)}"
+        )
+    return [part.view(h, w, 3) for part, (h, w) in zip(flat.split(counts), sizes, strict=True)]

@@ -92,7 +92,7 @@ def test_killed_and_resumed_run_matches_the_straight_run(tiny_args, tmp_path, mo
 
 def _module(folder: Path, **kw) -> ShardDataModule:  # noqa: ANN003
     tok = build_word_tokenizer(["a red circle", "What color is it?", "Red."])
-    encode = SampleEncoder(tok, get_template("plain"), 4, 64, lambda im: torch.zeros(3, 8, 8))
+    encode = SampleEncoder(tok, get_template("plain"), 4, 64)
     return ShardDataModule(folder, encode, partial(collate, pad_token_id=tok.pad_token_id), **kw)
 
 

@@ -7,11 +7,12 @@ import pickle
 import tarfile
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from datamodules.shards import ShardDataModule, ShardIndex, SkipSample, decode_sample
+from datamodules.shards import ShardDataModule, ShardIndex, SkipSample, decode_image, decode_sample
 from datamodules.word_tokenizer import build_word_tokenizer
 from lmm.preprocess import SampleEncoder, collate
 from lmm.templates import get_template
@@ -73,7 +74,7 @@ def shard_dir(tmp_path):
 
 def _module(shard_dir, batch_size=4):
     tok = build_word_tokenizer(["What color is it?", "Red.", "hi"])
-    encode = SampleEncoder(tok, get_template("vicuna_v1"), 4, 128, lambda im: torch.zeros(3, 8, 8))
+    encode = SampleEncoder(tok, get_template("vicuna_v1"), 4, 128)
     return ShardDataModule(
         shard_dir,
         encode,
@@ -104,7 +105,7 @@ def test_stream_skips_and_counts_bad_samples_and_never_unpickles(shard_dir, monk
     mixed = [b for b in batches if "images" in b and (b["input_ids"] == image_id).sum(1).eq(0).any()]
     assert mixed, "image and text-only samples share batches"
     for b in batches:
-        n_images = 0 if "images" not in b else b["images"].shape[0]
+        n_images = len(b.get("image_sizes", []))
         assert int((b["input_ids"] == image_id).sum()) == 4 * n_images
 
 
@@ -116,7 +117,37 @@ def test_decode_sample_reports_the_bad_member():
         decode_sample({"__key__": "k", "json": json.dumps(_record(1)).encode(), "png": b"garbage"})
     assert err.value.kind == "corrupt_image"
     record, image = decode_sample({"__key__": "k", "json": json.dumps(_record(1)).encode(), "png": _png()})
-    assert image.size == (12, 10) and record["id"] == "1"
+    assert image.shape == (10, 12, 3) and image.dtype == torch.uint8 and record["id"] == "1"
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "progressive", "grey", "cmyk", "png", "gif"])
+def test_decode_image_gives_pils_pixels(kind):
+    from skimage import data
+
+    photo = Image.fromarray(data.astronaut()).resize((96, 64))
+    image, fmt, options = {
+        "jpeg": (photo, "JPEG", {}),
+        "progressive": (photo, "JPEG", {"progressive": True}),
+        "grey": (photo.convert("L"), "JPEG", {}),
+        "cmyk": (photo.convert("CMYK"), "JPEG", {}),
+        "png": (photo, "PNG", {}),
+        "gif": (photo.convert("P"), "GIF", {}),
+    }[kind]
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    ours = decode_image(buffer.getvalue())
+    reference = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    assert ours.shape == (64, 96, 3) and ours.dtype == torch.uint8
+    # libjpeg-turbo decodes identically; only its CMYK -> RGB conversion may round differently from PIL's.
+    assert np.abs(ours.numpy().astype(int) - reference.astype(int)).max() <= (1 if kind == "cmyk" else 0)
+
+
+def test_decode_image_rejects_damaged_files():
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="JPEG")
+    for damaged in (buffer.getvalue()[: len(buffer.getvalue()) // 2], b"\xff\xd8\xff" + b"x" * 64, b""):
+        with pytest.raises((OSError, ValueError)):
+            decode_image(damaged)
 
 
 def test_index_errors_name_the_file(tmp_path):

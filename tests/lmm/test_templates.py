@@ -1,12 +1,13 @@
 """Label masks of both templates against hand-written token/label arrays (multi-turn, text-only, truncation)."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from datamodules.shards import SkipSample
 from datamodules.word_tokenizer import build_word_tokenizer
-from lmm.preprocess import IGNORE_INDEX, SampleEncoder, collate, token_labels
+from lmm.preprocess import IGNORE_INDEX, SampleEncoder, collate, token_labels, unpack_images
 from lmm.templates import ConversationError, get_template
 
 CORPUS = ["What color is it?", "Red.", "Is it a circle?", "Yes.", "A red circle.", "Describe the image."]
@@ -18,7 +19,7 @@ def tok():
 
 
 def _encoder(tok, template, n_image=4, max_length=512):
-    return SampleEncoder(tok, get_template(template), n_image, max_length, lambda im: torch.zeros(3, 8, 8))
+    return SampleEncoder(tok, get_template(template), n_image, max_length)
 
 
 def _tokens(tok, ids):
@@ -53,7 +54,7 @@ def test_plain_template_masks_bos_and_image(tok):
     ]
     assert sample["labels"][:4].tolist() == [IGNORE_INDEX] * 4
     assert _targets(tok, sample) == ["A", "▁red", "▁circle", ".", "\n"]
-    assert sample["image"].shape == (3, 8, 8)
+    assert sample["image"].shape == (8, 8, 3) and sample["image"].dtype == torch.uint8  # decoded pixels
 
 
 def test_vicuna_multi_turn_labels_each_reply_and_its_eos(tok):
@@ -116,15 +117,18 @@ def test_vicuna_text_only_sample_has_no_image(tok):
     assert _targets(tok, sample) == ["▁Yes", ".", "</s>"]
 
 
+TWO_TURNS = {
+    "conversations": [
+        {"from": "human", "value": "<image>\\nWhat color is it?"},
+        {"from": "gpt", "value": "Red."},
+        {"from": "human", "value": "Is it a circle?"},
+        {"from": "gpt", "value": "Yes."},
+    ]
+}
+
+
 def test_truncation_keeps_the_first_reply_and_cuts_the_second(tok):
-    record = {
-        "conversations": [
-            {"from": "human", "value": "<image>\nWhat color is it?"},
-            {"from": "gpt", "value": "Red."},
-            {"from": "human", "value": "Is it a circle?"},
-            {"from": "gpt", "value": "Yes."},
-        ]
-    }
+    record = TWO_TURNS
     full = _encoder(tok, "vicuna_v1", n_image=2)(record, Image.new("RGB", (8, 8)))
     cut = len(full["input_ids"]) - 2  # drops "." and "</s>" of the second reply
     sample = _encoder(tok, "vicuna_v1", n_image=2, max_length=cut)(record, Image.new("RGB", (8, 8)))
@@ -176,6 +180,55 @@ def test_token_labels_ignores_the_space_a_token_carries():
     assert token_labels("a\n", [(0, 1), (1, 2)], [(0, 2)]) == [True, True]  # whitespace-only token
 
 
+def _token_labels_one_by_one(text, offsets, spans):
+    """The rule written out per token, as the vectorised ``token_labels`` must apply it."""
+    flags = []
+    for start, end in offsets:
+        first = start
+        while first < end and text[first].isspace():
+            first += 1
+        if first == end:
+            first = start
+        flags.append(start < end and any(s <= first and end <= e for s, e in spans))
+    return flags
+
+
+def test_token_labels_agrees_with_the_rule_token_by_token():
+    rng = np.random.default_rng(0)
+    alphabet = list("ab.é漢") + [" ", "\n", "\t", "\u3000", "\xa0", "\u2028"]  # Unicode spaces too
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet, int(rng.integers(1, 40))))
+        cuts = np.sort(rng.choice(len(text) + 1, int(rng.integers(1, len(text) + 2)), replace=True))
+        offsets = list(zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True)) + [(0, 0)]
+        edges = np.sort(rng.choice(len(text) + 1, 4))
+        spans = [(int(edges[0]), int(edges[1])), (int(edges[2]), int(edges[3]))]
+        assert token_labels(text, offsets, spans) == _token_labels_one_by_one(text, offsets, spans)
+
+
+class _WrapperOnly:
+    """The tokenizer seen only through its Python wrapper (no ``backend_tokenizer``)."""
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __call__(self, *args, **kwargs):
+        return self._tok(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name == "backend_tokenizer":
+            raise AttributeError(name)
+        return getattr(self._tok, name)
+
+
+def test_backend_tokenisation_equals_the_wrapper(tok):
+    record = TWO_TURNS
+    image = Image.new("RGB", (4, 4))
+    fast = SampleEncoder(tok, get_template("vicuna_v1"), 3, 512)(record, image)
+    slow = SampleEncoder(_WrapperOnly(tok), get_template("vicuna_v1"), 3, 512)(record, image)
+    assert fast["input_ids"].tolist() == slow["input_ids"].tolist()
+    assert fast["labels"].tolist() == slow["labels"].tolist()
+
+
 def test_prompt_ends_where_training_text_starts_the_reply():
     chat = get_template("vicuna_v1")
     rendered = chat.render([{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}], has_image=True)
@@ -188,20 +241,26 @@ def test_prompt_ends_where_training_text_starts_the_reply():
         )
 
 
-def test_collate_pads_right_and_stacks_only_present_images(tok):
+def test_collate_pads_right_and_packs_only_present_images(tok):
     enc = _encoder(tok, "vicuna_v1", n_image=2)
-    a = enc(
-        {
-            "conversations": [
-                {"from": "human", "value": "<image>\nIs it a circle?"},
-                {"from": "gpt", "value": "Yes."},
-            ]
-        },
-        Image.new("RGB", (8, 8)),
-    )
+    image_record = {
+        "conversations": [
+            {"from": "human", "value": "<image>\nIs it a circle?"},
+            {"from": "gpt", "value": "Yes."},
+        ]
+    }
+    wide = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
+    tall = np.full((9, 4, 3), 200, dtype=np.uint8)
+    tall[0, 0] = (1, 2, 3)
+    a = enc(image_record, Image.fromarray(wide))
     b = enc({"conversations": [{"from": "human", "value": "Is it?"}, {"from": "gpt", "value": "Red."}]}, None)
-    batch = collate([b, a], pad_token_id=tok.pad_token_id)
-    assert batch["images"].shape == (1, 3, 8, 8)
+    c = enc(image_record, Image.fromarray(tall))
+    batch = collate([b, a, c], pad_token_id=tok.pad_token_id)
+    assert batch["image_sizes"] == [(6, 8), (9, 4)] and batch["images"].dtype == torch.uint8
+    unpacked = unpack_images(batch["images"], batch["image_sizes"])
+    assert [u.numpy().tolist() for u in unpacked] == [wide.tolist(), tall.tolist()]
+    with pytest.raises(ValueError, match="packed images hold"):
+        unpack_images(batch["images"], [(6, 8)])
     n_b = len(b["input_ids"])
     assert batch["attention_mask"][0].tolist() == [1] * n_b + [0] * (batch["input_ids"].shape[1] - n_b)
     assert (batch["input_ids"][0, n_b:] == tok.pad_token_id).all()
