@@ -128,6 +128,13 @@ def run_stage(config, model, name: str, requeue: RequeueSignal | None = None) ->
         plugins.append(SLURMEnvironment(auto_requeue=False))
         if config.trainer.slurm_requeue and requeue is not None:
             cluster_callbacks.append(requeue_callback(requeue, ckpt_path.parent))
+    checkpointing = ModelCheckpoint(
+        dirpath=ckpt_path.parent,
+        filename="step-{step}",
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=stage.checkpoint_every_n_steps,
+    )
     trainer = L.Trainer(
         accelerator=config.trainer.accelerator,
         devices=config.trainer.devices,
@@ -146,13 +153,7 @@ def run_stage(config, model, name: str, requeue: RequeueSignal | None = None) ->
             save_dir=config.run_dir, name="tensorboard", version=name, default_hp_metric=False
         ),
         callbacks=[
-            ModelCheckpoint(
-                dirpath=ckpt_path.parent,
-                filename="step-{step}",
-                save_last=True,
-                save_top_k=0,
-                every_n_train_steps=stage.checkpoint_every_n_steps,
-            ),
+            checkpointing,
             LearningRateMonitor(logging_interval="step"),
             SkippedSamplesLogger(),
             *cluster_callbacks,
@@ -166,8 +167,12 @@ def run_stage(config, model, name: str, requeue: RequeueSignal | None = None) ->
     if any(getattr(cb, "requeued", False) for cb in cluster_callbacks):
         raise Requeued(f"stage {name} saved a requeue checkpoint at step {trainer.global_step}")
     # ModelCheckpoint's save_last at train end is skipped when its last periodic save already set its
-    # "last saved" flag (a step before the end), so last.ckpt must be written here to hold the final step.
-    trainer.save_checkpoint(ckpt_path, weights_only=False)
+    # "last saved" flag (a step before the end), so last.ckpt is written here unless the periodic save
+    # fell on the final step itself (at 7B scale a second write costs minutes of weights + optimizer state).
+    # The callback's own record decides, not the file: every rank must reach the same answer (the save is a
+    # collective under FSDP/DeepSpeed) even where nodes do not share a disk. Unknown record: save again.
+    if getattr(checkpointing, "_last_global_step_saved", -1) != trainer.global_step:
+        trainer.save_checkpoint(ckpt_path, weights_only=False)
     if trainer.is_global_zero:
         for old in ckpt_path.parent.glob("hpc_ckpt_*.ckpt"):  # superseded by last.ckpt
             old.unlink(missing_ok=True)

@@ -72,6 +72,28 @@ def test_stage_resumes_from_last_checkpoint_and_finished_stage_is_skipped(tiny_a
     assert read_checkpoint(ckpt)["global_step"] == 4
 
 
+@pytest.mark.parametrize("every", [2, 3])
+def test_last_checkpoint_holds_the_final_step_and_is_written_once_there(
+    tiny_args, tmp_path, monkeypatch, every
+):
+    writes = []
+    replace = train.os.replace
+
+    def counting_replace(src, dst):
+        writes.append(str(dst))
+        return replace(src, dst)
+
+    monkeypatch.setattr(train.os, "replace", counting_replace)
+    args = tiny_args(steps=(4, 1)) + [
+        "run_stages=[pretrain]",
+        f"stages.pretrain.checkpoint_every_n_steps={every}",
+    ]
+    assert train.main(args) == 0
+    assert read_checkpoint(stage_checkpoint(tmp_path / "runs" / "t", "pretrain"))["global_step"] == 4
+    # Periodic saves at steps 2 and 4 (the last one is final) or at step 3 plus the end-of-stage save.
+    assert sum(w.endswith("last.ckpt") for w in writes) == 2
+
+
 def test_instructed_model_generates_from_a_reloaded_run(tiny_args, tmp_path):
     assert train.main(tiny_args(steps=(2, 2))) == 0
     model, config = load_run(tmp_path / "runs" / "t")
