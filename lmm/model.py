@@ -210,7 +210,10 @@ class LMM(L.LightningModule):
             )
         transform = self.encoder.image_transform(self.stage.aspect)
         out = {k: v for k, v in batch.items() if k != "image_sizes"}
-        out["images"] = transform.batch(unpack_images(batch["images"], batch["image_sizes"]))
+        packed = batch["images"]
+        # Pixels are prepared in float32 whatever the precision plugin's autocast would pick.
+        with torch.autocast(packed.device.type, enabled=False):
+            out["images"] = transform.batch(unpack_images(packed, batch["image_sizes"]))
         return out
 
     # ------------------------------------------------------------------------------------- generation

@@ -4,6 +4,7 @@
 #   1. grounded generation at Vicuna-7B shape (issue 3): plain sdpa vs capture vs eager, batch 1 and 8
 #   2. the diffusion encoder at SD-1.5 shape, bf16, batch 16: truncated vs full U-Net (issue 5)
 #   3. grounding.reproduce at Vicuna-7B shape with random weights, batch 1 and 64 (issue 7)
+#   4. the device-side image transform of the training step, batch 16 at 336 px (issue 6)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -31,4 +32,7 @@ for B in 1 64; do
         --max-new-tokens 256 2>&1 | grep -E "grounded|rror" || true
     cp $T/b$B/metrics.json "$OUT/reproduce_b$B.json" 2>/dev/null || true
 done
+echo "== 4. device-side image transform, batch 16 COCO-size -> 336"
+timeout 60 python benchmarks/image_transform.py 2>&1 | tee "$OUT/image_transform.txt"
+
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
