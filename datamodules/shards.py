@@ -154,6 +154,14 @@ def decode_image(data: bytes) -> Tensor:
     """
     if data[:3] == b"\xff\xd8\xff":
         try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            height = width = 0  # no readable header: PIL decides below
+        # PIL's decompression-bomb limit, which simplejpeg lacks: one forged header must not take a
+        # worker's memory.
+        if Image.MAX_IMAGE_PIXELS and height * width > 2 * Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"{width} x {height} pixels is over the decompression-bomb limit")
+        try:
             return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB"))
         except ValueError:
             pass  # PIL decides: it reads what libjpeg-turbo's strict mode declines, or raises

@@ -142,6 +142,16 @@ def test_decode_image_gives_pils_pixels(kind):
     assert np.abs(ours.numpy().astype(int) - reference.astype(int)).max() <= (1 if kind == "cmyk" else 0)
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_decode_image_refuses_decompression_bombs(fmt, monkeypatch):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format=fmt)
+    assert decode_image(buffer.getvalue()).shape == (64, 64, 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is now over twice the limit
+    with pytest.raises((ValueError, Image.DecompressionBombError)):
+        decode_image(buffer.getvalue())
+
+
 def test_decode_image_rejects_damaged_files():
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="JPEG")
