@@ -84,9 +84,10 @@ class SampleEncoder:
 
     def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and character offsets, special tokens added. A fast tokenizer's Rust backend is called
-        directly: the same encoding its Python wrapper returns, without the wrapper's per-call overhead."""
+        directly: the same encoding its Python wrapper returns, without the wrapper's per-call overhead.
+        Not when the backend carries truncation or padding settings, which the wrapper switches off."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None:
+        if backend is not None and backend.truncation is None and backend.padding is None:
             encoding = backend.encode(text, add_special_tokens=True)
             return encoding.ids, encoding.offsets
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)

@@ -1,5 +1,7 @@
 """Label masks of both templates against hand-written token/label arrays (multi-turn, text-only, truncation)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -227,6 +229,13 @@ def test_backend_tokenisation_equals_the_wrapper(tok):
     slow = SampleEncoder(_WrapperOnly(tok), get_template("vicuna_v1"), 3, 512)(record, image)
     assert fast["input_ids"].tolist() == slow["input_ids"].tolist()
     assert fast["labels"].tolist() == slow["labels"].tolist()
+    # A tokenizer.json that carries truncation must not cut samples: the wrapper path is taken then.
+    capped = copy.deepcopy(tok)
+    capped.backend_tokenizer.enable_truncation(max_length=5)
+    assert len(capped.backend_tokenizer.encode("Is it a circle? Yes. Red.").ids) == 5
+    assert SampleEncoder(capped, get_template("vicuna_v1"), 3, 512)(record, image)["input_ids"].tolist() == (
+        fast["input_ids"].tolist()
+    )
 
 
 def test_prompt_ends_where_training_text_starts_the_reply():
