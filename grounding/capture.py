@@ -61,6 +61,18 @@ def _module_eager_function(module: nn.Module) -> Callable:
     return fn
 
 
+def select_layers(layers: Sequence[int], n_layers: int) -> frozenset[int]:
+    """Decoder layer indices (negative ones from the end) -> a set of indices in ``[0, n_layers)``."""
+    chosen = set()
+    for layer in layers:
+        if not -n_layers <= int(layer) < n_layers:
+            raise ValueError(f"layer {layer} is out of range for a language model with {n_layers} layers")
+        chosen.add(int(layer) % n_layers)
+    if not chosen:
+        raise ValueError("layers is empty: give at least one decoder layer, or None for all of them")
+    return frozenset(chosen)
+
+
 class AttentionCapture:
     """Context manager that records image attention maps during ``generate`` or one teacher-forced forward.
 
@@ -89,6 +101,9 @@ class AttentionCapture:
         response_start: teacher-forced mode. Position (int, or one per sample) of the first response token in
             the full sequence; the single forward pass inside the block yields one row per position from
             ``response_start`` to the end of the sequence (right padding included; trim it yourself).
+        layers: average over these decoder layers only (indices into the language model's layers; negative
+            ones count from the end). ``None``, the default and the reference's choice, averages all of them.
+            Layers left out run their attention untouched and cost nothing extra.
 
     In batched generation a sample that has emitted EOS keeps producing padding; ``maps()`` returns every
     generated step for every sample and trimming to each sample's real length is the caller's job. Unsupported:
@@ -102,6 +117,7 @@ class AttentionCapture:
         model: nn.Module,
         image_spans: Sequence[tuple[int, int]],
         response_start: int | Sequence[int] | None = None,
+        layers: Sequence[int] | None = None,
     ) -> None:
         spans = [(int(s), int(e)) for s, e in image_spans]
         if not spans:
@@ -125,6 +141,7 @@ class AttentionCapture:
             self._response_starts = starts
         self._lm = find_language_model(model)
         self._text_config = _text_config_of(self._lm)
+        self._layers = None if layers is None else select_layers(layers, self._text_config.num_hidden_layers)
         self._name: str | None = None
         self._found_impl: str | None = None
         self._original_impl: str | None = None
@@ -187,6 +204,14 @@ class AttentionCapture:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self._delegate(module)(module, query, key, value, attention_mask, *args, **kwargs)
+        if self._layers is not None:
+            index = getattr(module, "layer_idx", None)
+            if index is None:
+                raise ValueError(
+                    f"{type(module).__name__} has no layer_idx, so AttentionCapture cannot select layers"
+                )
+            if index not in self._layers:
+                return out
         with torch.no_grad():
             self._record(module, query, key, attention_mask, kwargs)
         return out

@@ -50,6 +50,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default="root",
         help="root: tokens of the chunk's root word (the reference); chunk: every word",
     )
+    add_layers_argument(parser)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--device", default="cpu")
 
@@ -73,6 +74,18 @@ def pipeline_from_args(args: argparse.Namespace, model: GroundableModel, batch_s
         args.max_new_tokens,
         batch_size,
         args.phrase_tokens,
+        args.layers,
+    )
+
+
+def add_layers_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="L",
+        help="average attention over these decoder layers only (negative: from the end); default: all",
     )
 
 

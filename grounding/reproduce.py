@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grounding.cli import add_layers_argument
 from grounding.coco_io import GCGGroundTruth, GroundingInputError, gcg_prediction_path, read_json
 
 __all__ = ["PAPER", "GranDfSplit", "granddf_from_shapes", "locate_granddf", "main"]
@@ -87,6 +88,7 @@ SETTINGS_KEYS = (
     "spacy_model",
     "combine",
     "phrase_tokens",
+    "layers",
     "template",
     "dtype",
     "diffusion_noise",
@@ -291,6 +293,7 @@ def ground_images(args: argparse.Namespace, data: GranDfSplit, ids: Sequence[Any
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         phrase_tokens=args.phrase_tokens,
+        layers=args.layers,
     )
     pred_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -459,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="root",
         help="root: tokens of the chunk's root word (the reference); chunk: every word",
     )
+    add_layers_argument(g)
     g.add_argument(
         "--template", choices=("vicuna_v1", "chat"), default="vicuna_v1", help="hf models: prompt format"
     )

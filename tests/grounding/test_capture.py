@@ -77,12 +77,15 @@ def _generate_kwargs() -> dict:
     return dict(max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False)
 
 
-def _reference_generate_maps(attentions, spans) -> list[torch.Tensor]:
-    """Mean over layers and heads of the last query row of every step, sliced to each sample's image keys."""
+def _reference_generate_maps(attentions, spans, layers=None) -> list[torch.Tensor]:
+    """Mean over layers (all, or the listed ones) and heads of the last query row of every step, sliced to each
+    sample's image keys."""
     maps = []
     for b, (start, end) in enumerate(spans):
         rows = [
-            torch.stack([layer[b, :, -1, start:end] for layer in step]).mean(dim=(0, 1))
+            torch.stack(
+                [layer[b, :, -1, start:end] for i, layer in enumerate(step) if layers is None or i in layers]
+            ).mean(dim=(0, 1))
             for step in attentions
         ]
         maps.append(torch.stack(rows).float())
@@ -165,6 +168,36 @@ def test_generate_input_ids_matches_eager(llama_pair, pads):
     )
     assert torch.equal(out, expected.sequences)
     _assert_rel_close(cap.maps(), _reference_generate_maps(expected.attentions, spans))
+
+
+@pytest.mark.parametrize("layers", [[0], [-1, 0]], ids=["first", "last+first"])
+def test_selected_layers_match_eager_over_those_layers(llama_pair, layers):
+    model, ref = llama_pair
+    n_layers = model.config.num_hidden_layers
+    embeds, mask = _left_padded_embeds(2, 18, [0, 3])
+    spans = [(2, 10), (5, 13)]
+    with AttentionCapture(model, spans, layers=layers) as cap:
+        model.generate(inputs_embeds=embeds, attention_mask=mask, **_generate_kwargs())
+    expected = ref.generate(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        output_attentions=True,
+        return_dict_in_generate=True,
+        **_generate_kwargs(),
+    )
+    chosen = {i % n_layers for i in layers}
+    _assert_rel_close(cap.maps(), _reference_generate_maps(expected.attentions, spans, chosen))
+    every = _reference_generate_maps(expected.attentions, spans)
+    assert not torch.allclose(cap.maps()[0], every[0]), "a layer subset must differ from the all-layer mean"
+
+
+def test_layer_selection_errors_name_the_problem(llama_pair):
+    model, _ = llama_pair
+    n_layers = model.config.num_hidden_layers
+    with pytest.raises(ValueError, match=f"layer {n_layers} is out of range .* {n_layers} layers"):
+        AttentionCapture(model, [(0, 4)], layers=[n_layers])
+    with pytest.raises(ValueError, match="layers is empty"):
+        AttentionCapture(model, [(0, 4)], layers=[])
 
 
 def test_sdpa_kernel_still_does_the_work(llama_pair, monkeypatch):

@@ -149,3 +149,25 @@ def test_demo_rejects_a_corrupt_image(trained_run, tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
     with pytest.raises(SystemExit, match="not a readable image"):
         demo.main(["--run", str(trained_run), "--image", str(bad), "--out", str(tmp_path / "o")])
+
+
+def test_layer_selection_reaches_the_pipeline(trained_run, tiny_world):
+    import torch
+
+    from grounding.attend import AttendAndSegment
+    from grounding.cli import load_groundable
+    from grounding.segment import build_refiner
+
+    model = load_groundable(trained_run)
+    n_layers = model.language_model.config.num_hidden_layers
+    image = Image.open(sorted((tiny_world / "val" / "images").iterdir())[0])
+
+    def token_maps(layers):
+        pipeline = AttendAndSegment(
+            model, build_refiner("threshold"), SPACY, max_new_tokens=8, batch_size=1, layers=layers
+        )
+        return pipeline([image])[0].token_maps
+
+    every = token_maps(None)
+    assert torch.equal(token_maps(list(range(n_layers))), every), "listing every layer is the default"
+    assert not torch.allclose(token_maps([n_layers - 1]), every), "one layer alone differs from the mean"
