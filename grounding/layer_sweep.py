@@ -1,0 +1,108 @@
+"""Which decoder layers ground? ``python -m grounding.layer_sweep --run runs/<name> [--sets 0 1 -1 0,1]``.
+
+Runs the training-time grounding evaluation of a trained run (its ``grounding:`` config and validation set:
+attend-and-segment, GLaMM's GCG metrics, phrase pointing accuracy) once per layer setting: the mean over all
+decoder layers (the reference), then each layer alone, or the comma-separated sets given with ``--sets``.
+The validation set, phrase-similarity encoder and refiner are loaded once. Prints one table and writes
+``--out`` (JSON, one record per setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from grounding.callback import GroundingEvaluator
+from grounding.capture import select_layers
+from grounding.cli import load_groundable
+
+COLUMNS = ("pointing", "recall", "miou", "ap50")
+
+
+def parse_sets(sets: list[str] | None, n_layers: int) -> list[list[int] | None]:
+    """``None`` (all layers) first, then each ``--sets`` entry (``"0,1"``), or each single layer by default."""
+    if not sets:
+        return [None, *([i] for i in range(n_layers))]
+    parsed: list[list[int] | None] = [None]
+    for entry in sets:
+        try:
+            parsed.append([int(x) for x in entry.split(",") if x.strip()])
+        except ValueError:
+            raise SystemExit(f"error: --sets entry {entry!r} is not comma-separated layer indices") from None
+    return parsed
+
+
+def sweep(run: Path, sets: list[str] | None, limit: int | None, device: str) -> list[dict[str, Any]]:
+    from lmm.checkpoint import load_run
+
+    _, config = load_run(run, map_location="cpu")  # the run's own grounding settings and data root
+    grounding = config.grounding if limit is None else _with_limit(config.grounding, limit)
+    evaluator = GroundingEvaluator(grounding, Path(config.data.root))
+    model = load_groundable(run, device)
+    n_layers = model.language_model.config.num_hidden_layers
+    settings = parse_sets(sets, n_layers)
+    for layers in settings:
+        if layers is not None:
+            try:
+                select_layers(layers, n_layers)
+            except ValueError as err:
+                raise SystemExit(f"error: --sets: {err}") from None
+    records = []
+    for layers in tqdm(settings, desc="layer settings", unit="setting"):
+        metrics = evaluator.metrics(evaluator.predict(model, layers=layers))
+        records.append({"layers": "all" if layers is None else layers, **metrics})
+    return records
+
+
+def _with_limit(grounding: Any, limit: int) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(grounding, limit=limit)
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    lines = [f"| {'layers':<12} | " + " | ".join(f"{c:>8}" for c in COLUMNS) + " |"]
+    lines.append(f"|{'-' * 14}|" + "|".join("-" * 10 for _ in COLUMNS) + "|")
+    for r in records:
+        name = r["layers"] if r["layers"] == "all" else ",".join(map(str, r["layers"]))
+        lines.append(f"| {name:<12} | " + " | ".join(f"{r[c]:>8.3f}" for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--run", required=True, type=Path, help="run directory (runs/<name>) of a trained LMM"
+    )
+    parser.add_argument(
+        "--sets",
+        nargs="+",
+        default=None,
+        metavar="L[,L...]",
+        help="layer sets to try (default: each layer alone); negative indices count from the end. argparse "
+        "reads a set that starts with '-' and has a comma as an option: write 0,-1 rather than -1,0",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="images (default: the run's grounding.limit)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON records (default: RUN/grounding/layers.json)"
+    )
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if not (args.run / "config.yaml").is_file():
+        raise SystemExit(f"error: {args.run} is not a run directory (no config.yaml)")
+    records = sweep(args.run, args.sets, args.limit, args.device)
+    out = args.out or args.run / "grounding" / "layers.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, indent=1) + "\n")
+    print(format_table(records))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
