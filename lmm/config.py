@@ -62,8 +62,8 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     deterministic: bool = False
     progress_bar: bool = True
-    #: Intra-op CPU threads of the training process (None: torch's default). Tiny models on a few cores
-    #: train faster with 1: more threads spin-wait on each small op, worst when cores are shared.
+    #: Intra-op CPU threads of the training process (None: torch's default, one per core). Tiny models gain
+    #: little beyond 2 and lose badly when their threads share cores with other busy processes.
     num_threads: int | None = None
     #: Under SLURM: on SIGUSR1 (sbatch --signal=USR1@90) save hpc_ckpt_<n>.ckpt at the next optimizer step
     #: and requeue the job; the restarted job resumes from it.
