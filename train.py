@@ -95,6 +95,7 @@ def run_stage(config, model, name: str, requeue: RequeueSignal | None = None) ->
         shuffle_buffer=config.data.shuffle_buffer,
         world_size=ranks,
         sample_log=config.run_dir / "samples" / name if config.data.record_samples else None,
+        decode_min_side=config.data.decode_min_side,
     )
     # The stream gives every rank the same known number of micro-batches per epoch.
     max_steps = stage.max_steps or math.ceil(stage.epochs * datamodule.batches_per_epoch / accumulate)

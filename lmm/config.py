@@ -49,6 +49,10 @@ class DataConfig:
     shuffle_buffer: int = 1000
     #: Append the sample keys of every consumed batch to runs/<run>/samples/<stage>/rank<r>.jsonl.
     record_samples: bool = False
+    #: Decode JPEGs whose shorter side is at least twice this at 1/2, 1/4 or 1/8 scale (shorter side kept
+    #: >= this): several times faster for large photos (SAM, ShareGPT4V). None: full size, which gives
+    #: exactly LLaVA's pixels. Twice the encoder's input size keeps the final resize's quality.
+    decode_min_side: int | None = None
 
 
 @dataclasses.dataclass

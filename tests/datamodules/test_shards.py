@@ -152,6 +152,57 @@ def test_decode_image_refuses_decompression_bombs(fmt, monkeypatch):
         decode_image(buffer.getvalue())
 
 
+def _photo_jpeg(width, height):
+    from skimage import data
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((width, height)).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_that_keeps_min_side():
+    jpeg = _photo_jpeg(1001, 777)
+    full = decode_image(jpeg)
+    assert full.shape == (777, 1001, 3)
+    assert decode_image(jpeg, min_side=400).shape == full.shape, "777 // 2 < 400: no reduction"
+    assert decode_image(jpeg, min_side=150).shape == (195, 251, 3)  # 1/4: 777 // 4 = 194 >= 150 > 777 // 8
+    # The scaled IDCT gives about what averaging 4 x 4 blocks of the full decode gives (whole blocks here).
+    even = _photo_jpeg(1000, 776)
+    quarter = decode_image(even, min_side=150).numpy().astype(float)
+    reference = np.asarray(Image.fromarray(decode_image(even).numpy()).reduce(4), dtype=float)
+    assert quarter.shape == reference.shape == (194, 250, 3)
+    assert np.abs(quarter - reference).mean() < 1
+    png = io.BytesIO()
+    Image.fromarray(full.numpy()).save(png, format="PNG")
+    assert decode_image(png.getvalue(), min_side=150).shape == full.shape, "only JPEGs are scaled"
+
+
+def test_the_datamodule_passes_decode_min_side_to_its_workers(tmp_path):
+    members = []
+    for i in range(4):
+        members += [
+            (f"{i:03d}.json", json.dumps(_record(i)).encode()),
+            (f"{i:03d}.jpg", _photo_jpeg(800, 600)),
+        ]
+    _write_tar(tmp_path / "shard-000000.tar", members)
+    index = {"num_samples": 4, "shards": [{"url": "shard-000000.tar", "num_samples": 4}]}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    tok = build_word_tokenizer(["What color is it?", "Red."])
+    sizes = {}
+    for min_side in (None, 100):
+        dm = ShardDataModule(
+            tmp_path,
+            SampleEncoder(tok, get_template("vicuna_v1"), 4, 128),
+            partial(collate, pad_token_id=tok.pad_token_id),
+            4,
+            num_workers=1,
+            decode_min_side=min_side,
+        )
+        sizes[min_side] = next(iter(dm.train_dataloader()))["image_sizes"]
+    assert [tuple(s) for s in sizes[None]] == [(600, 800)] * 4
+    assert [tuple(s) for s in sizes[100]] == [(150, 200)] * 4  # 1/4: 600 // 8 = 75 < 100
+
+
 def test_decode_image_rejects_damaged_files():
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="JPEG")
