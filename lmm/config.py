@@ -54,6 +54,14 @@ class DataConfig:
     #: exactly LLaVA's pixels. Twice the encoder's input size keeps the final resize's quality.
     decode_min_side: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.decode_min_side is not None and self.decode_min_side < 1:
+            raise ValueError(
+                f"decode_min_side must be a positive pixel count or null, got {self.decode_min_side}"
+            )
+
 
 @dataclasses.dataclass
 class TrainerConfig:

@@ -57,6 +57,16 @@ def test_unknown_key_names_the_key_and_the_nearest_valid_one():
         load_config(None, ["encoder.widht=3"])
 
 
+def test_out_of_range_data_settings_fail_in_one_line():
+    with pytest.raises(
+        ConfigError, match=r"^data: decode_min_side must be a positive pixel count or null, got 0$"
+    ):
+        load_config(None, ["data.decode_min_side=0"])
+    with pytest.raises(ConfigError, match=r"^data: num_workers must be >= 0, got -1$"):
+        load_config(None, ["data.num_workers=-1"])
+    assert load_config(None, ["data.decode_min_side=672"]).data.decode_min_side == 672
+
+
 def test_wrong_type_and_unknown_component_fail_in_one_line():
     with pytest.raises(ConfigError, match=r"stages\.pretrain\.max_steps must be an integer, got 'many'"):
         load_config(None, ["stages.pretrain.max_steps=many"])
