@@ -213,7 +213,12 @@ class LMM(L.LightningModule):
         packed = batch["images"]
         # Pixels are prepared in float32 whatever the precision plugin's autocast would pick.
         with torch.autocast(packed.device.type, enabled=False):
-            out["images"] = transform.batch(unpack_images(packed, batch["image_sizes"]))
+            images = transform.batch(unpack_images(packed, batch["image_sizes"]))
+        if self._trainer is not None:
+            # The loop casts a batch's floating tensors for "true" half/double precision before the step;
+            # the images only become floating here, so they get the same cast now.
+            images = self._trainer.precision_plugin.convert_input(images)
+        out["images"] = images
         return out
 
     # ------------------------------------------------------------------------------------- generation

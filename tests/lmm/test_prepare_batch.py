@@ -69,3 +69,17 @@ def test_prepare_batch_needs_a_stage(tiny_world):
         fresh.prepare_batch(batch)
     text_only = {k: v for k, v in batch.items() if k not in ("images", "image_sizes")}
     assert fresh.prepare_batch(text_only) is text_only
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16-true", torch.bfloat16), ("32-true", torch.float32)])
+def test_images_get_the_cast_the_precision_plugin_gives_a_batch(model, tiny_world, precision, dtype):
+    import lightning as L
+
+    stage = load_config(None, [f"llm.tokenizer={tiny_world}/tokenizer", *SHRINK]).stages["instruct"]
+    model.configure_stage("instruct", stage)
+    _, batch = _batch(model, stage)
+    model.trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False)
+    try:
+        assert model.prepare_batch(batch)["images"].dtype == dtype
+    finally:
+        model.trainer = None

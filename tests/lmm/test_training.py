@@ -105,3 +105,9 @@ def test_instructed_model_generates_from_a_reloaded_run(tiny_args, tmp_path):
     )
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     assert (tmp_path / "runs" / "t" / "qa_eval.json").is_file()
+
+
+def test_true_half_precision_trains_with_device_side_images(tiny_args):
+    # "bf16-true" casts the model to bf16; the images, made on the device inside the step, must follow.
+    args = tiny_args(steps=(2, 2)) + ["trainer.precision=bf16-true", "grounding.enabled=false"]
+    assert train.main(args) == 0
