@@ -12,8 +12,8 @@ so that load drifts on a shared machine hit both alike:
   tokenise, label mask, 576 image tokens, collate into batches of 16 with the images packed).
 
 The CLIP-336 "pad" resize and normalisation run after the batch reaches the accelerator
-(``LMM.prepare_batch`` in the training step), not in the datamodule; the table also shows what that step costs when
-it runs on this machine's CPU, per batch, measured on the first batches of the epoch.
+(``LMM.prepare_batch`` in the training step), not in the datamodule; the table also shows what that step
+costs when it runs on this machine's CPU, per batch, measured on the first batches of the epoch.
 
 Prints one table; goal: datamodule >= 0.9 x bare.
 

@@ -64,8 +64,8 @@ class ImageTransform:
     which keeps the workers at the speed of JPEG decoding. Inference calls the same code on one image
     (``__call__``), so both paths see identical pixels. The geometry is LLaVA's; resampling is torchvision's
     antialiased bicubic rounded to uint8, which stays within 3 grey levels of PIL's bicubic (LLaVA's
-    CLIPImageProcessor) and on CPU matches it in all but a fraction of a percent of pixels when shrinking. The fields are everything attend-and-segment needs to map a
-    token grid back onto the original image.
+    CLIPImageProcessor) and on CPU matches it in all but a fraction of a percent of pixels when shrinking.
+    The fields are everything attend-and-segment needs to map a token grid back onto the original image.
     """
 
     size: int
