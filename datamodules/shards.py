@@ -461,7 +461,13 @@ class ShardDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             prefetch_factor=4 if self.num_workers > 0 else None,
+            # Page-locked batches make the (non-blocking) copy of the packed images to a GPU asynchronous.
+            pin_memory=self._device_type() == "cuda",
         )
+
+    def _device_type(self) -> str:
+        trainer = self.trainer
+        return "cpu" if trainer is None else trainer.strategy.root_device.type
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, dict) and "position" in batch:

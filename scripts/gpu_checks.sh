@@ -5,6 +5,7 @@
 #   2. the diffusion encoder at SD-1.5 shape, bf16, batch 16: truncated vs full U-Net (issue 5)
 #   3. grounding.reproduce at Vicuna-7B shape with random weights, batch 1 and 64 (issue 7)
 #   4. the device-side image transform of the training step, batch 16 at 336 px (issue 6)
+#   5. a short default run on the GPU (pinned batches, device-side transform, bf16-mixed, grounding callback)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -34,5 +35,10 @@ for B in 1 64; do
 done
 echo "== 4. device-side image transform, batch 16 COCO-size -> 336"
 timeout 60 python benchmarks/image_transform.py 2>&1 | tee "$OUT/image_transform.txt"
+
+echo "== 5. default recipe on the GPU, 40 + 40 steps, bf16-mixed"
+timeout 240 python train.py run_name=gpu-smoke runs_dir=$T/runs trainer.accelerator=gpu trainer.precision=bf16-mixed \
+    stages.pretrain.max_steps=40 stages.instruct.max_steps=40 grounding.every_n_steps=0 grounding.limit=8 \
+    2>&1 | grep -E "finished in|grounding at|QA accuracy|rror" | tee "$OUT/gpu_smoke.txt"
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
