@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from grounding.attend import AttendAndSegment
 from grounding.protocol import GroundableModel
@@ -57,12 +58,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_groundable(run: Path, device: str = "cpu") -> GroundableModel:
     """A trained run of this project as a groundable model, with the template and aspect of its last stage."""
+    return load_groundable_run(run, device)[0]
+
+
+def load_groundable_run(run: Path, device: str = "cpu") -> tuple[GroundableModel, Any]:
+    """``load_groundable`` plus the run's ``TrainConfig`` (its data root and ``grounding:`` settings)."""
     from lmm.checkpoint import load_run
     from lmm.grounding_adapter import LMMGrounding
 
     model, config = load_run(run, map_location=device)
     last = config.stages[config.run_stages[-1]]
-    return LMMGrounding(model, template=last.template, aspect=last.aspect)
+    return LMMGrounding(model, template=last.template, aspect=last.aspect), config
 
 
 def pipeline_from_args(args: argparse.Namespace, model: GroundableModel, batch_size: int) -> AttendAndSegment:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from grounding.callback import GroundingEvaluator
 from grounding.capture import select_layers
-from grounding.cli import load_groundable
+from grounding.cli import load_groundable_run
 
 COLUMNS = ("pointing", "recall", "miou", "ap50")
 
@@ -38,12 +38,9 @@ def parse_sets(sets: list[str] | None, n_layers: int) -> list[list[int] | None]:
 
 
 def sweep(run: Path, sets: list[str] | None, limit: int | None, device: str) -> list[dict[str, Any]]:
-    from lmm.checkpoint import load_run
-
-    _, config = load_run(run, map_location="cpu")  # the run's own grounding settings and data root
+    model, config = load_groundable_run(run, device)  # with the run's own grounding settings and data root
     grounding = config.grounding if limit is None else _with_limit(config.grounding, limit)
     evaluator = GroundingEvaluator(grounding, Path(config.data.root))
-    model = load_groundable(run, device)
     n_layers = model.language_model.config.num_hidden_layers
     settings = parse_sets(sets, n_layers)
     for layers in settings:
