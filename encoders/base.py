@@ -42,8 +42,7 @@ def to_uint8_image(image: Image.Image | Tensor) -> Tensor:
     every image in the dataloader workers (the permute to ``(3, H, W)`` is free on the device).
     """
     if isinstance(image, Tensor):
-        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"image tensor must be (H, W, 3) uint8, got {tuple(image.shape)} {image.dtype}")
+        _check_uint8_image(image)
         return image
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -53,6 +52,11 @@ def to_uint8_image(image: Image.Image | Tensor) -> Tensor:
         # the JPEG decode. Everything downstream (collate, ``batch``) copies before it writes.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(pixels)
+
+
+def _check_uint8_image(image: Tensor) -> None:
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image tensor must be (H, W, 3) uint8, got {tuple(image.shape)} {image.dtype}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +92,7 @@ class ImageTransform:
         out = torch.empty(len(images), 3, self.size, self.size, dtype=torch.uint8, device=device)
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
-            to_uint8_image(image)  # validates shape and dtype
+            _check_uint8_image(image)
             by_size.setdefault((image.shape[0], image.shape[1]), []).append(i)
         for (height, width), rows in by_size.items():
             # Same-size images (every image of a rendered data set) are resampled in one call.

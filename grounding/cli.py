@@ -44,14 +44,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--spacy-model", default=None, help="default: en_core_web_lg if installed, else small"
     )
-    parser.add_argument("--combine", choices=("max", "mean"), default="max")
-    parser.add_argument(
-        "--phrase-tokens",
-        choices=("root", "chunk"),
-        default="root",
-        help="root: tokens of the chunk's root word (the reference); chunk: every word",
-    )
-    add_layers_argument(parser)
+    add_grouping_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--device", default="cpu")
 
@@ -84,7 +77,15 @@ def pipeline_from_args(args: argparse.Namespace, model: GroundableModel, batch_s
     )
 
 
-def add_layers_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+def add_grouping_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """How token maps become phrase maps: ``--combine``, ``--phrase-tokens``, ``--layers`` (every grounding CLI)."""
+    parser.add_argument("--combine", choices=("max", "mean"), default="max")
+    parser.add_argument(
+        "--phrase-tokens",
+        choices=("root", "chunk"),
+        default="root",
+        help="root: tokens of the chunk's root word (the reference); chunk: every word",
+    )
     parser.add_argument(
         "--layers",
         type=int,

@@ -10,6 +10,7 @@ The validation set, phrase-similarity encoder and refiner are loaded once. Print
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -39,7 +40,7 @@ def parse_sets(sets: list[str] | None, n_layers: int) -> list[list[int] | None]:
 
 def sweep(run: Path, sets: list[str] | None, limit: int | None, device: str) -> list[dict[str, Any]]:
     model, config = load_groundable_run(run, device)  # with the run's own grounding settings and data root
-    grounding = config.grounding if limit is None else _with_limit(config.grounding, limit)
+    grounding = config.grounding if limit is None else dataclasses.replace(config.grounding, limit=limit)
     evaluator = GroundingEvaluator(grounding, Path(config.data.root))
     n_layers = model.language_model.config.num_hidden_layers
     settings = parse_sets(sets, n_layers)
@@ -54,12 +55,6 @@ def sweep(run: Path, sets: list[str] | None, limit: int | None, device: str) -> 
         metrics = evaluator.metrics(evaluator.predict(model, layers=layers))
         records.append({"layers": "all" if layers is None else layers, **metrics})
     return records
-
-
-def _with_limit(grounding: Any, limit: int) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(grounding, limit=limit)
 
 
 def format_table(records: list[dict[str, Any]]) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grounding.cli import add_layers_argument
+from grounding.cli import add_grouping_arguments
 from grounding.coco_io import GCGGroundTruth, GroundingInputError, gcg_prediction_path, read_json
 
 __all__ = ["PAPER", "GranDfSplit", "granddf_from_shapes", "locate_granddf", "main"]
@@ -455,14 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=512)
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--spacy-model", default=None, help="default: en_core_web_lg if installed (the paper's)")
-    g.add_argument("--combine", choices=("max", "mean"), default="max")
-    g.add_argument(
-        "--phrase-tokens",
-        choices=("root", "chunk"),
-        default="root",
-        help="root: tokens of the chunk's root word (the reference); chunk: every word",
-    )
-    add_layers_argument(g)
+    add_grouping_arguments(g)
     g.add_argument(
         "--template", choices=("vicuna_v1", "chat"), default="vicuna_v1", help="hf models: prompt format"
     )

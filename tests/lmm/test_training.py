@@ -108,6 +108,7 @@ def test_instructed_model_generates_from_a_reloaded_run(tiny_args, tmp_path):
 
 
 def test_true_half_precision_trains_with_device_side_images(tiny_args):
-    # "bf16-true" casts the model to bf16; the images, made on the device inside the step, must follow.
+    # "bf16-true" casts the model to bf16 while the images become floating only inside the step
+    # (the cast itself is checked in test_prepare_batch; the encoders would also cast their input).
     args = tiny_args(steps=(2, 2)) + ["trainer.precision=bf16-true", "grounding.enabled=false"]
     assert train.main(args) == 0
