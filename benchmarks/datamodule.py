@@ -12,7 +12,7 @@ so that load drifts on a shared machine hit both alike:
   tokenise, label mask, 576 image tokens, collate into batches of 16 with the images packed).
 
 The CLIP-336 "pad" resize and normalisation run after the batch reaches the accelerator
-(``LMM.prepare_batch`` in the training step), not in the datamodule; the table also shows what that step
+(``LMM.encoder_pixels`` in the training step), not in the datamodule; the table also shows what that step
 costs when it runs on this machine's CPU, per batch, measured on the first batches of the epoch.
 
 Prints one table; goal: datamodule >= 0.9 x bare.
@@ -43,10 +43,11 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from datamodules.convert import convert  # noqa: E402
 from datamodules.shards import ShardDataModule, ShardIndex  # noqa: E402
+from datamodules.templates import get_template  # noqa: E402
 from datamodules.word_tokenizer import build_word_tokenizer  # noqa: E402
-from encoders.base import CLIP_MEAN, CLIP_STD, ImageTransform  # noqa: E402
-from lmm.preprocess import SampleEncoder, collate, unpack_images  # noqa: E402
-from lmm.templates import get_template  # noqa: E402
+from encoders.transform import CLIP_MEAN, CLIP_STD, ImageTransform  # noqa: E402
+from lmm.batch import TrainBatch, collate  # noqa: E402
+from lmm.preprocess import SampleEncoder  # noqa: E402
 
 WORDS = "the a red blue green small large circle square triangle left right top bottom of in is what color where how many shapes image picture there are".split()
 
@@ -107,13 +108,14 @@ def decoded_only(record: dict, image: Image.Image | None) -> dict:
     return {"image": image}
 
 
-def count_only(samples: list[dict]) -> dict:
-    return {"input_ids": torch.zeros(len(samples), 1)}
+def count_only(samples: list[dict]) -> TrainBatch:
+    zeros = torch.zeros(len(samples), 1)
+    return TrainBatch(zeros, zeros, zeros)
 
 
 def datamodule_loop(
     shards: Path, workers: int, full: bool = True, batch_size: int = 16, keep: int = 0
-) -> tuple[int, float, list[dict]]:
+) -> tuple[int, float, list[TrainBatch]]:
     if full:
         tok = build_word_tokenizer([" ".join(WORDS) + "."])
         encode = SampleEncoder(tok, get_template("vicuna_v1"), 576, 2048)
@@ -124,8 +126,9 @@ def datamodule_loop(
     loader = dm.train_dataloader()
     kept: list[dict] = []
     start, n = time.perf_counter(), 0
-    for i, batch in enumerate(loader):
-        n += batch["input_ids"].shape[0]
+    for i, streamed in enumerate(loader):
+        batch = streamed.batch
+        n += len(batch)
         if len(kept) < keep:
             kept.append(batch)
         if i + 1 == dm.batches_per_epoch:
@@ -135,14 +138,14 @@ def datamodule_loop(
     return n, seconds, kept
 
 
-def device_transform_ms(batches: list[dict]) -> float:
+def device_transform_ms(batches: list[TrainBatch]) -> float:
     """Milliseconds per batch of unpacking + CLIP-336 pad transform, as the LightningModule runs it."""
     transform = ImageTransform(336, CLIP_MEAN, CLIP_STD, "pad")
-    images = [b for b in batches if "image_sizes" in b]
-    transform.batch(unpack_images(images[0]["images"], images[0]["image_sizes"]))  # warm-up
+    images = [b.images for b in batches if b.images is not None]
+    images[0].to_pixels(transform)  # warm-up
     start = time.perf_counter()
-    for batch in images:
-        transform.batch(unpack_images(batch["images"], batch["image_sizes"]))
+    for packed in images:
+        packed.to_pixels(transform)
     return (time.perf_counter() - start) / len(images) * 1e3
 
 

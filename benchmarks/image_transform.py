@@ -1,4 +1,4 @@
-"""Cost of the image transform the training step runs on the device (``LMM.prepare_batch``).
+"""Cost of the image transform the training step runs on the device (``LMM.encoder_pixels``).
 
 Workers hand over decoded uint8 images at their own size; the transform (pad or crop to a square, antialiased
 bicubic resize to the encoder's size, normalise) runs wherever the batch lives. This times
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from encoders.base import CLIP_MEAN, CLIP_STD, ImageTransform  # noqa: E402
+from encoders.transform import CLIP_MEAN, CLIP_STD, ImageTransform  # noqa: E402
 
 
 def time_batch(transform: ImageTransform, images: list[torch.Tensor], repeats: int) -> float:

@@ -28,13 +28,13 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 
 from datamodules.shapes import ShapesWorldConfig, generate_world  # noqa: E402
-from lmm.checkpoint import build_model  # noqa: E402
-from lmm.config import load_config  # noqa: E402
-from lmm.preprocess import collate  # noqa: E402
+from lmm.batch import TrainBatch, collate  # noqa: E402
+from lmm.build import build_model  # noqa: E402
+from lmm.config_loading import load_config  # noqa: E402
 
 
 class RepeatBatch(IterableDataset):
-    def __init__(self, batch: dict, n: int) -> None:
+    def __init__(self, batch: TrainBatch, n: int) -> None:
         self.batch, self.n = batch, n
 
     def __iter__(self):
@@ -53,7 +53,7 @@ class StepTimer(L.Callback):
         self.starts.append(time.perf_counter())
 
 
-def fixed_batch(model, root: Path, stage) -> dict:
+def fixed_batch(model, root: Path, stage) -> TrainBatch:
     import webdataset as wds
 
     from datamodules.shards import ShardIndex, decode_sample
@@ -68,7 +68,7 @@ def fixed_batch(model, root: Path, stage) -> dict:
     return collate(samples, model.llm.tokenizer.pad_token_id)
 
 
-def bare_loop(model, batch: dict, steps: int, warmup: int, clip: float | None) -> float:
+def bare_loop(model, batch: TrainBatch, steps: int, warmup: int, clip: float | None) -> float:
     from transformers import get_cosine_schedule_with_warmup
 
     model.train()
@@ -78,10 +78,9 @@ def bare_loop(model, batch: dict, steps: int, warmup: int, clip: float | None) -
     times = []
     for i in range(steps + warmup):
         start = time.perf_counter()
-        inputs = model.prepare_batch(batch)  # the device-side image transform Lightning runs after transfer
-        loss = model(
-            inputs["input_ids"], inputs["attention_mask"], inputs.get("images"), inputs["labels"]
-        ).loss
+        # the device-side image transform the training step runs
+        images = None if batch.images is None else model.encoder_pixels(batch.images)
+        loss = model(batch.input_ids, batch.attention_mask, images, batch.labels).loss
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
@@ -93,7 +92,7 @@ def bare_loop(model, batch: dict, steps: int, warmup: int, clip: float | None) -
     return sum(times) / len(times)
 
 
-def lightning_loop(model, batch: dict, steps: int, warmup: int, clip: float | None) -> float:
+def lightning_loop(model, batch: TrainBatch, steps: int, warmup: int, clip: float | None) -> float:
     timer = StepTimer()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -136,9 +135,9 @@ def main() -> None:
             light.append(lightning_loop(copy.deepcopy(base), batch, args.steps, args.warmup, clip))
 
     b, lt = statistics.median(bare), statistics.median(light)
-    tokens = batch["input_ids"].numel()
+    tokens = batch.input_ids.numel()
     print(
-        f"\nstage {args.stage}: batch {tuple(batch['input_ids'].shape)} ({tokens} tokens), "
+        f"\nstage {args.stage}: batch {tuple(batch.input_ids.shape)} ({tokens} tokens), "
         f"torch threads {torch.get_num_threads()}, {args.rounds} rounds x {args.steps} steps"
     )
     print(f"{'loop':<12}{'ms/step (median)':>18}    all rounds (ms)")

@@ -15,7 +15,7 @@ only the shards its positions fall in). Samples are decoded safely (JSON and ima
 and turned into model inputs by an injected ``encode`` (see ``lmm.preprocess``). Bad samples (corrupt
 image, truncated or unreadable shard, malformed JSON, unusable conversation, too long) are skipped and
 counted: a batch is what is left of its positions (if nothing is, the slot-epoch's first good sample
-stands in), and carries the counts of what was skipped, which ``SkippedSamplesLogger`` logs under
+stands in), and carries the counts of what was skipped (``StreamBatch``), which ``SkippedSamplesLogger`` logs under
 ``data/skipped``. ``ShardDataModule`` counts the batches the training loop has consumed and stores that
 count (with the layout it depends on) in the Lightning checkpoint; on resume each dataloader worker
 starts at the batch it would have produced next, so the round-robin order of the workers is kept too.
@@ -44,22 +44,14 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from encoders.base import to_uint8_image
+from datamodules.errors import SkipSample
+from encoders.transform import to_uint8_image
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 STATE_VERSION = 1
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")
-
-
-class SkipSample(Exception):
-    """A sample that must not train; ``kind`` names the counter it goes to (``corrupt_image``, ``too_long``)."""
-
-    def __init__(self, kind: str, detail: str = "") -> None:
-        super().__init__(f"{kind}: {detail}" if detail else kind)
-        self.kind = kind
-        self.detail = detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,7 +335,7 @@ class ShardStream(IterableDataset):
             f"{self.samples_per_slot} samples of epoch {epoch}; check the shards"
         )
 
-    def worker_batches(self, rank: int, worker: int, done: int) -> Iterator[dict]:
+    def worker_batches(self, rank: int, worker: int, done: int) -> Iterator[StreamBatch]:
         """Batches of logical ``worker`` of ``rank``, endlessly, from its batch number ``done`` on."""
         counter = SkipCounter()
         per_worker, size = self.batches_per_worker, self.batch_size
@@ -366,14 +358,15 @@ class ShardStream(IterableDataset):
                 if not good:  # every sample of the batch was bad: the slot-epoch's first good one stands in
                     key, encoded = self._first_good(epoch, rank, worker)
                     good, keys = [encoded], [key]
-                out = self.collate(good)
-                out["skipped"] = dict(skipped)
-                out["keys"] = keys
-                out["position"] = {"epoch": epoch, "worker": worker, "worker_batch": j}
-                yield out
+                yield StreamBatch(
+                    self.collate(good),
+                    keys,
+                    dict(skipped),
+                    {"epoch": epoch, "worker": worker, "worker_batch": j},
+                )
             epoch, first = epoch + 1, 0
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[StreamBatch]:
         info = get_worker_info()
         physical = 0 if info is None else info.id
         if (1 if info is None else info.num_workers) != self.workers:
@@ -385,6 +378,23 @@ class ShardStream(IterableDataset):
         # the next batch is due from logical worker ``start % workers``, so the workers are rotated.
         worker = (physical + self.start) % self.workers
         return self.worker_batches(self.rank, worker, self.worker_position(self.start, worker))
+
+
+@dataclasses.dataclass
+class StreamBatch:
+    """What the stream yields: the collated batch plus its bookkeeping, which ``ShardDataModule`` takes off
+    before the batch moves to the device (``keys`` of the samples in it, ``skipped`` counts by kind, and its
+    ``position`` in the stream)."""
+
+    batch: Any
+    keys: list[str]
+    skipped: dict[str, int]
+    position: dict[str, int]
+
+    def pin_memory(self) -> StreamBatch:
+        from torch.utils.data._utils.pin_memory import pin_memory
+
+        return dataclasses.replace(self, batch=pin_memory(self.batch))
 
 
 def _key(sample: dict[str, Any]) -> str:
@@ -427,6 +437,9 @@ class ShardDataModule(L.LightningDataModule):
             decode_min_side,
         )
         self.consumed = 0  # micro-batches the training loop has taken from this rank's stream
+        self.skipped: Counter[str] = (
+            Counter()
+        )  # skipped in those batches, until SkippedSamplesLogger takes them
         self.sample_log = None if sample_log is None else Path(sample_log)
 
     @property
@@ -470,15 +483,20 @@ class ShardDataModule(L.LightningDataModule):
         return "cpu" if trainer is None else trainer.strategy.root_device.type
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, dict) and "position" in batch:
-            position = batch.pop("position")
-            keys = batch.pop("keys", [])
-            if self.sample_log is not None:
-                self.sample_log.mkdir(parents=True, exist_ok=True)
-                with open(self.sample_log / f"rank{self._rank()[0]}.jsonl", "a") as f:
-                    f.write(json.dumps({**position, "batch": self.consumed, "keys": keys}) + "\n")
-            self.consumed += 1
-        return batch
+        if not isinstance(batch, StreamBatch):
+            return batch
+        if self.sample_log is not None:
+            self.sample_log.mkdir(parents=True, exist_ok=True)
+            with open(self.sample_log / f"rank{self._rank()[0]}.jsonl", "a") as f:
+                f.write(json.dumps({**batch.position, "batch": self.consumed, "keys": batch.keys}) + "\n")
+        self.consumed += 1
+        self.skipped.update(batch.skipped)
+        return batch.batch
+
+    def take_skipped(self) -> Counter[str]:
+        """Samples skipped (by kind) in the batches handed to the loop since the last call."""
+        taken, self.skipped = self.skipped, Counter()
+        return taken
 
     def state_dict(self) -> dict[str, Any]:
         stream = self.stream
@@ -539,7 +557,8 @@ class SkippedSamplesLogger(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        skipped = batch.pop("skipped", None) if isinstance(batch, dict) else None
+        datamodule = trainer.datamodule
+        skipped = datamodule.take_skipped() if isinstance(datamodule, ShardDataModule) else {}
         if skipped:
             self.totals.update(skipped)
             for kind, n in skipped.items():

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
+from datamodules.templates import IMAGE_PLACEHOLDER, VICUNA_SYSTEM
+
 if TYPE_CHECKING:
     # transformers takes seconds to import; data-generation worker processes never need it.
     from transformers import PreTrainedTokenizerFast
@@ -28,16 +30,13 @@ UNK_TOKEN = "<unk>"
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
 PAD_TOKEN = "<pad>"
-IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN = IMAGE_PLACEHOLDER
 # Order fixes the ids 0..4, which downstream code (and saved checkpoints) may rely on.
 SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN)
 METASPACE = "▁"
 
-CHAT_TEXTS = (
-    "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-    "helpful, detailed, and polite answers to the human's questions.",
-    "USER: ASSISTANT:",
-)
+#: The fixed words of the conversation templates, so any template renders without unknown words.
+CHAT_TEXTS = (VICUNA_SYSTEM, "USER: ASSISTANT:")
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:

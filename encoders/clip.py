@@ -10,7 +10,6 @@ without running the layers above it, as LLaVA does with ``hidden_states[-2][:, 1
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import zipfile
@@ -20,28 +19,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from encoders.base import CLIP_MEAN, CLIP_STD, VisualEncoder, register_encoder, seeded_init
+from encoders.base import VisualEncoder, seeded_init
+from encoders.config import ClipEncoderConfig
+from encoders.transform import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class ClipEncoderConfig:
-    """Schema of ``encoder:`` when ``name: clip``. Size fields left at None keep the named architecture's."""
-
-    name: str = "clip"
-    #: open_clip architecture name (``ViT-L-14-336``), or ``hf`` to load ``weights`` as a CLIPVisionModel folder.
-    model: str = "ViT-L-14-336"
-    #: Local weight file (open_clip/OpenAI) or HF folder; None = random initialisation from ``init_seed``.
-    weights: str | None = None
-    select_layer: int = -2
-    quick_gelu: bool = True  # OpenAI's CLIP was trained with QuickGELU; open_clip's LAION weights use GELU
-    image_size: int | None = None
-    patch_size: int | None = None
-    width: int | None = None
-    layers: int | None = None
-    head_width: int | None = None
-    init_seed: int = 0
 
 
 class QuickGELU(nn.Module):
@@ -49,7 +31,6 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-@register_encoder("clip")
 class ClipEncoder(VisualEncoder):
     Config = ClipEncoderConfig
 

@@ -16,24 +16,24 @@ call (the reference implementation), ``fixed`` uses the posterior mean and a noi
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.base import VisualEncoder, register_encoder, seeded_init
-from encoders.clip import ClipEncoder, ClipEncoderConfig
+from encoders.base import VisualEncoder, seeded_init
+from encoders.clip import ClipEncoder
+from encoders.config import DiffusionEncoderConfig, NoiseMode, SchedulerName
 
 log = logging.getLogger(__name__)
 
-NOISE_MODES = ("auto", "stochastic", "fixed")
-SCHEDULERS = ("ddpm", "ddim")
+NOISE_MODES: tuple[str, ...] = get_args(NoiseMode)
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 #: The Stable-Diffusion components the encoder needs, as subfolders of ``sd_path``.
 SD_COMPONENTS = ("unet", "vae", "scheduler")
 
@@ -89,41 +89,6 @@ def sd15_scheduler_config() -> dict[str, Any]:
     }
 
 
-@dataclasses.dataclass
-class DiffusionEncoderConfig:
-    """Schema of ``encoder:`` when ``name: diffusion``.
-
-    ``sd_path`` names a local diffusers folder in the SD layout; without it the VAE, U-Net and scheduler
-    are SD-1.5's architecture updated by ``vae_config`` / ``unet_config`` / ``scheduler_config`` (any
-    constructor argument of the diffusers class) and randomly initialised from ``init_seed``. ``clip`` is
-    the frozen CLIP encoder whose patch tokens feed the captioner; its grid must equal the feature grid.
-    """
-
-    name: str = "diffusion"
-    #: Local Stable-Diffusion folder with unet/, vae/ and scheduler/ subfolders; None = random init.
-    sd_path: str | None = None
-    #: Weight-file variant to load from sd_path (e.g. ``fp16`` for diffusion_pytorch_model.fp16.safetensors).
-    variant: str | None = None
-    #: Scheduler class used for ``add_noise`` (only the noise schedule of scheduler/ matters): ddpm | ddim.
-    scheduler: str = "ddpm"
-    #: Side of the square input image in pixels (the SD input, in [-1, 1]).
-    image_size: int = 384
-    #: Diffusion timestep of the one noising step.
-    timestep: int = 100
-    #: Index of the U-Net up block whose output is the feature map; the U-Net is not run past it.
-    up_block: int = 1
-    #: auto (stochastic while training, fixed in eval) | stochastic | fixed.
-    noise: str = "auto"
-    #: Seed of the fixed noise map (``fixed`` mode); it is rebuilt from here, never checkpointed.
-    noise_seed: int = 0
-    #: Seed of the random initialisation (frozen SD parts when sd_path is None, and the captioner).
-    init_seed: int = 0
-    unet_config: dict[str, Any] = dataclasses.field(default_factory=dict)
-    vae_config: dict[str, Any] = dataclasses.field(default_factory=dict)
-    scheduler_config: dict[str, Any] = dataclasses.field(default_factory=dict)
-    clip: ClipEncoderConfig = dataclasses.field(default_factory=ClipEncoderConfig)
-
-
 class ImplicitCaptioner(nn.Module):
     """CLIP patch tokens -> U-Net conditioning tokens: Linear -> GELU -> Linear, plus a positional embedding."""
 
@@ -137,7 +102,6 @@ class ImplicitCaptioner(nn.Module):
         return self.mlp(tokens) + self.pos_embed
 
 
-@register_encoder("diffusion")
 class DiffusionEncoder(VisualEncoder):
     """Images in [-1, 1] -> (B, h*w, C) features of U-Net ``up_blocks[up_block]``; see the module docstring.
 
@@ -242,15 +206,19 @@ class DiffusionEncoder(VisualEncoder):
     def clip_inputs(self, images: Tensor) -> Tensor:
         """SD input in [-1, 1] at ``image_size`` -> the CLIP encoder's size and normalisation.
 
-        Bicubic with antialias approximates the PIL bicubic resize CLIP's own transform would apply to the
-        original image; when the sizes already agree the pixels pass through unresampled.
+        ``clip_resize: bicubic`` (antialiased) approximates the PIL bicubic resize CLIP's own transform would
+        apply to the original image; ``bilinear`` (no antialias) is the released DiffLMM's ``sd_to_clip_img``.
+        When the sizes already agree the pixels pass through unresampled.
         """
         pixels = images.float() * 0.5 + 0.5
         size = self.clip.image_size
         if pixels.shape[-1] != size or pixels.shape[-2] != size:
-            pixels = F.interpolate(
-                pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False
-            )
+            if self.config.clip_resize == "bilinear":
+                pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
+            else:
+                pixels = F.interpolate(
+                    pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False
+                )
         mean = pixels.new_tensor(self.clip.image_mean).view(1, 3, 1, 1)
         std = pixels.new_tensor(self.clip.image_std).view(1, 3, 1, 1)
         return (pixels - mean) / std

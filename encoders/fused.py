@@ -14,27 +14,17 @@ stay frozen.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.base import VisualEncoder, register_encoder, seeded_init
-from encoders.diffusion import DiffusionEncoder, DiffusionEncoderConfig
+from encoders.base import VisualEncoder, seeded_init
+from encoders.config import FusedEncoderConfig
+from encoders.diffusion import DiffusionEncoder
 
 
-@dataclasses.dataclass
-class FusedEncoderConfig(DiffusionEncoderConfig):
-    """Schema of ``encoder:`` when ``name: fused``: the diffusion encoder's fields plus ``dm_dim``."""
-
-    name: str = "fused"
-    #: Width the diffusion features are reduced to before the concatenation; DiffLMM: LLM width / 4.
-    dm_dim: int = 1024
-
-
-@register_encoder("fused")
 class FusedEncoder(VisualEncoder):
     Config = FusedEncoderConfig
 

@@ -20,11 +20,10 @@ from PIL import Image
 
 from grounding.capture import AttentionCapture
 from grounding.coco_io import GCGPrediction, mask_to_rle, write_gcg_prediction
-from grounding.phrases import DEFAULT_SPACY_MODEL, group_phrases, response_token_offsets
+from grounding.config import AttendConfig
+from grounding.phrases import default_spacy_model, group_phrases, response_token_offsets
 from grounding.protocol import GroundableModel
-from grounding.segment import Refiner, argmax_point, normalize_maps, upsample_map
-
-DEFAULT_PROMPT = "Describe the image in detail."
+from grounding.segment import Refiner, argmax_point, build_refiner, normalize_maps, upsample_map
 
 
 @dataclasses.dataclass
@@ -48,47 +47,48 @@ class GroundedResponse:
 
 
 class AttendAndSegment:
-    """images + prompts -> ``GroundedResponse`` per image, ``batch_size`` images per generate call."""
+    """images + prompts -> ``GroundedResponse`` per image, ``config.batch_size`` images per generate call.
+
+    Every setting comes from ``config`` (``grounding.config.AttendConfig``). ``refiner``: an already built
+    refiner to share across pipelines (a sweep, the training callback); default: built from ``config``.
+    """
 
     def __init__(
         self,
         model: GroundableModel,
-        refiner: Refiner,
-        spacy_model: str = DEFAULT_SPACY_MODEL,
-        combine: str = "max",
-        max_new_tokens: int = 512,
-        batch_size: int = 8,
-        phrase_tokens: str = "root",
-        layers: Sequence[int] | None = None,
+        config: AttendConfig,
+        refiner: Refiner | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         self.model = model
-        self.refiner = refiner
-        self.spacy_model = spacy_model
-        self.combine = combine
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-        self.phrase_tokens = phrase_tokens
-        self.layers = None if layers is None else list(layers)  # None: every layer (the reference)
+        self.config = config
+        self.refiner = refiner if refiner is not None else build_refiner(config, device)
+        self.spacy_model = config.spacy_model or default_spacy_model()
 
     def __call__(
-        self, images: Sequence[Image.Image], prompts: str | Sequence[str] = DEFAULT_PROMPT
+        self, images: Sequence[Image.Image], prompts: str | Sequence[str] | None = None
     ) -> list[GroundedResponse]:
+        """Ground ``images``, each asked ``prompts`` (one for all, one per image; default: the config's)."""
         images = [image.convert("RGB") for image in images]
+        if prompts is None:
+            prompts = self.config.prompt
         if isinstance(prompts, str):
             prompts = [prompts] * len(images)
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         results = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
+        for start in range(0, len(images), self.config.batch_size):
+            chunk = slice(start, start + self.config.batch_size)
             results.extend(self._batch(images[chunk], prompts[chunk]))
         return results
 
     @torch.no_grad()
     def _batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[GroundedResponse]:
         batch = self.model.prepare(images, prompts)
-        with AttentionCapture(self.model.language_model, batch.image_spans, layers=self.layers) as capture:
-            new_tokens = self.model.generate(batch, self.max_new_tokens)
+        with AttentionCapture(
+            self.model.language_model, batch.image_spans, layers=self.config.layers
+        ) as capture:
+            new_tokens = self.model.generate(batch, self.config.max_new_tokens)
         maps = capture.maps()
         return [
             self._ground(image, ids, m)
@@ -109,7 +109,12 @@ class AttendAndSegment:
         if not ids or not text:
             return GroundedResponse(text, [], [], [], [], token_maps)
         phrases = group_phrases(
-            text, offsets, normalize_maps(token_maps), self.combine, self.spacy_model, self.phrase_tokens
+            text,
+            offsets,
+            normalize_maps(token_maps),
+            self.config.combine,
+            self.spacy_model,
+            self.config.phrase_tokens,
         )
         size = (image.height, image.width)
         upsampled = [upsample_map(p.map, size, self.model.aspect) for p in phrases]

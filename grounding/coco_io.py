@@ -13,6 +13,7 @@ raises :class:`GroundingInputError` with a one-line message naming the file or o
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -385,18 +386,24 @@ def read_gcg_prediction(path: str | Path, image_id: ImageId) -> GCGPrediction:
 
 
 def write_gcg_prediction(path: str | Path, prediction: GCGPrediction) -> None:
-    """Write one prediction in GLaMM's format (eval/gcg/infer.py ``result_dict``)."""
-    Path(path).write_text(
-        json.dumps(
-            {
-                "image_id": prediction.image_id,
-                "caption": prediction.caption,
-                "phrases": list(prediction.phrases),
-                "pred_masks": [to_rle(m) for m in prediction.pred_masks],
-            }
-        ),
-        encoding="utf-8",
+    """Write one prediction in GLaMM's format (eval/gcg/infer.py ``result_dict``), atomically: a run killed
+    mid-write leaves no half file that a resumed run would take for a finished image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(
+        {
+            "image_id": prediction.image_id,
+            "caption": prediction.caption,
+            "phrases": list(prediction.phrases),
+            "pred_masks": [to_rle(m) for m in prediction.pred_masks],
+        }
     )
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_gcg_predictions(

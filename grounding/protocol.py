@@ -3,7 +3,7 @@
 A groundable model turns images and user questions into a left-padded batch whose image-token positions
 are known, generates greedily from it, and exposes the transformers language model whose attention is
 captured, its tokenizer, the token grid and the image transform's aspect mode (which the map upsampling
-must invert). The project's LMM implements it in ``lmm.grounding_adapter``; transformers' LLaVA models
+must invert). The project's LMMs implement it in ``lmm.groundable``; transformers' LLaVA models
 get their own adapters.
 """
 

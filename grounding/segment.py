@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from grounding.config import AttendConfig
 
 __all__ = [
     "REFINERS",
@@ -236,8 +238,12 @@ REFINERS: Mapping[str, Callable[..., Refiner]] = MappingProxyType(
 )
 
 
-def build_refiner(name: str, **kwargs: Any) -> Refiner:
-    """Build a refiner by registry name (``"sam"`` or ``"threshold"``) with its constructor arguments."""
-    if name not in REFINERS:
-        raise ValueError(f"unknown refiner {name!r}; choose from {sorted(REFINERS)}")
-    return REFINERS[name](**kwargs)
+def build_refiner(config: AttendConfig, device: str | torch.device = "cpu") -> Refiner:
+    """The refiner ``config`` names (``refiner``, with ``sam_checkpoint`` and ``sam_type`` for SAM)."""
+    if config.refiner == "sam":
+        if not config.sam_checkpoint:
+            raise ValueError("refiner 'sam' needs a SAM checkpoint (sam_checkpoint / --sam)")
+        return SamRefiner(checkpoint=config.sam_checkpoint, model_type=config.sam_type, device=device)
+    if config.refiner == "threshold":
+        return ThresholdRefiner()
+    raise ValueError(f"unknown refiner {config.refiner!r}; choose from {sorted(REFINERS)}")

@@ -1,75 +1,154 @@
-"""The run configuration: typed dataclasses that are the schema, and loading YAML + overrides into them.
+"""The run configuration's schema: typed dataclasses, standard library only.
 
-``load_config(files, overrides)`` reads YAML files with OmegaConf (a file may name base files under
-``extends:``), applies group selections (``encoder=fused_tiny`` merges ``configs/encoder/fused_tiny.yaml``)
-and dotted overrides (``stages.pretrain.max_steps=10``), resolves interpolations, and builds a
-``TrainConfig``. Every key is checked against the dataclasses before any work starts: an unknown key or a
-value of the wrong type stops with one line naming the key and, for a typo, the nearest valid key. The
-``encoder:`` section is checked against the ``Config`` of the encoder its ``name`` selects.
+This module (with ``encoders.config``, ``datamodules.config`` and ``grounding.config``, whose sections it
+nests) is the whole schema of a run config; implementations import their section from here, never the
+reverse, so reading and checking a config costs milliseconds and no model code. ``lmm.config_loading``
+reads YAML into these classes. Choice fields are ``Literal`` types, which the loader enforces (a typo names
+the allowed values); ``__post_init__`` checks ranges and the rules that span fields, raising ``ValueError``
+that names the field. Everything here is checked before ``train.py`` generates data or runs a step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from omegaconf import OmegaConf
+from datamodules.config import DataConfig
+from encoders.config import Aspect, ClipEncoderConfig
+from grounding.config import GroundingEvalConfig
 
-from datamodules.shapes import ShapesWorldConfig
-from encoders.base import encoder_class
-from encoders.clip import ClipEncoderConfig
-from grounding.callback import GroundingEvalConfig
-from lmm.llm import LLMConfig
-from lmm.model import StageConfig
-from lmm.projector import ProjectorConfig
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
-
-
-#: Sections whose ``name`` picks a class from a registry (and with it the section's schema).
-REGISTRY_SECTIONS = ("encoder",)
+TemplateName = Literal["plain", "vicuna_v1"]
+LLMMode = Literal["frozen", "full", "lora"]
+ProjectorName = Literal["mlp2x_gelu", "linear"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flex_attention"]
+#: Lightning's precision settings (``trainer.precision``); the short forms are its legacy aliases.
+Precision = Literal[
+    "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64"
+]
+Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
 
 
-class ConfigError(ValueError):
-    """A configuration that does not fit the schema; the message is one line naming the key."""
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _positive(owner: object, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        _check(value is None or value > 0, f"{name} must be positive, got {value}")
 
 
 @dataclasses.dataclass
-class DataConfig:
-    root: str = "data/shapes"
-    #: Generate the synthetic shapes world into ``root`` when it is missing (None: real data, never generate).
-    shapes: ShapesWorldConfig | None = None
-    num_workers: int = 1
-    #: Samples are shuffled in blocks of this many within each rank/worker slice of an epoch.
-    shuffle_buffer: int = 1000
-    #: Append the sample keys of every consumed batch to runs/<run>/samples/<stage>/rank<r>.jsonl.
-    record_samples: bool = False
-    #: Decode JPEGs whose shorter side is at least twice this at 1/2, 1/4 or 1/8 scale (shorter side kept
-    #: >= this): several times faster for large photos (SAM, ShareGPT4V). None: full size, which gives
-    #: exactly LLaVA's pixels. Twice the encoder's input size keeps the final resize's quality.
-    decode_min_side: int | None = None
+class LLMConfig:
+    """Schema of ``llm:``. Size fields are used only when ``path`` is None (a random Llama)."""
+
+    path: str | None = None
+    tokenizer: str | None = None  # a tokenizer folder; default: ``path``
+    attn_implementation: AttnImplementation = "sdpa"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    intermediate_size: int = 512
+    max_position_embeddings: int = 512
+    init_seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.decode_min_side is not None and self.decode_min_side < 1:
-            raise ValueError(
-                f"decode_min_side must be a positive pixel count or null, got {self.decode_min_side}"
-            )
+        _positive(
+            self,
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        )
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}",
+        )
+        kv = self.num_kv_heads or self.num_heads
+        _check(self.num_heads % kv == 0, f"num_heads {self.num_heads} is not a multiple of num_kv_heads {kv}")
+        _check(self.path is not None or self.tokenizer is not None, "tokenizer is needed when path is null")
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """Schema of a stage's ``lora:`` (peft LoRA on every linear layer of the LLM but the output head)."""
+
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+
+    def __post_init__(self) -> None:
+        _positive(self, "r", "alpha")
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclasses.dataclass
+class ProjectorConfig:
+    """Schema of ``projector:``."""
+
+    name: ProjectorName = "mlp2x_gelu"
+    #: A learnable (num_tokens x d) embedding added after the MLP: DiffLMM's fused projector block.
+    positional_embedding: bool = False
+
+
+@dataclasses.dataclass
+class StageConfig:
+    """Schema of one entry of ``stages:``. Defaults are LLaVA-1.5's pretraining stage."""
+
+    data: str = "pretrain"  # shard folder, relative to data.root unless absolute
+    template: TemplateName = "plain"
+    aspect: Aspect = "crop"
+    llm: LLMMode = "frozen"
+    train_projector: bool = True
+    train_encoder: bool = True  # the encoder's own trainable parts (DiffLMM's captioner and fused block)
+    lr: float = 1e-3
+    projector_lr: float | None = None  # default: lr
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    global_batch_size: int = 256
+    micro_batch_size: int = 16
+    max_steps: int | None = None  # optimizer steps; None = epochs over the shards' sample count
+    epochs: float = 1.0
+    max_length: int = 2048
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    checkpoint_every_n_steps: int = 200
+
+    def __post_init__(self) -> None:
+        _positive(
+            self,
+            "lr",
+            "projector_lr",
+            "global_batch_size",
+            "micro_batch_size",
+            "max_steps",
+            "epochs",
+            "max_length",
+            "checkpoint_every_n_steps",
+        )
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check(
+            self.global_batch_size % self.micro_batch_size == 0,
+            f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+            f"{self.micro_batch_size}",
+        )
 
 
 @dataclasses.dataclass
 class TrainerConfig:
-    accelerator: str = "auto"
+    """Schema of ``trainer:`` (Lightning Trainer settings)."""
+
+    accelerator: Accelerator = "auto"
     devices: int = 1
     num_nodes: int = 1
+    #: A Lightning strategy name (auto, ddp, fsdp, deepspeed_stage_2, ...).
     strategy: str = "auto"
-    precision: str = "32-true"
+    precision: Precision = "32-true"
     gradient_clip_val: float | None = 1.0
     log_every_n_steps: int = 10
     deterministic: bool = False
@@ -81,27 +160,45 @@ class TrainerConfig:
     #: and requeue the job; the restarted job resumes from it.
     slurm_requeue: bool = True
 
+    def __post_init__(self) -> None:
+        _positive(self, "devices", "num_nodes", "log_every_n_steps", "num_threads")
+        _check(
+            self.gradient_clip_val is None or self.gradient_clip_val > 0,
+            f"gradient_clip_val must be positive or null, got {self.gradient_clip_val}",
+        )
+
+    @property
+    def ranks(self) -> int:
+        return self.devices * self.num_nodes
+
 
 @dataclasses.dataclass
 class QAEvalConfig:
     """Question answering on held-out images after the instruction stage (the shapes world's val_qa.json)."""
 
     questions: str | None = None  # relative to data.root unless absolute; None = skip
-    template: str = "vicuna_v1"
-    aspect: str = "pad"
+    template: TemplateName = "vicuna_v1"
+    aspect: Aspect = "pad"
     batch_size: int = 32
     max_new_tokens: int = 12
     limit: int | None = None
     show: int = 6
 
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "max_new_tokens", "limit")
+        _check(self.show >= 0, f"show must be >= 0, got {self.show}")
+
 
 @dataclasses.dataclass
 class TrainConfig:
+    """Schema of a whole run config (``configs/default.yaml``)."""
+
     run_name: str = "run"
     runs_dir: str = "runs"
     seed: int = 0
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    encoder: Any = dataclasses.field(default_factory=ClipEncoderConfig)  # the selected encoder's Config
+    #: The selected encoder's schema (``encoders.config.ENCODER_CONFIGS[encoder.name]``).
+    encoder: Any = dataclasses.field(default_factory=ClipEncoderConfig)
     projector: ProjectorConfig = dataclasses.field(default_factory=ProjectorConfig)
     llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
     stages: dict[str, StageConfig] = dataclasses.field(default_factory=dict)
@@ -115,196 +212,39 @@ class TrainConfig:
         return Path(self.runs_dir) / self.run_name
 
     def __post_init__(self) -> None:
+        _check(
+            bool(self.run_name) and "/" not in self.run_name,
+            f"run_name {self.run_name!r} is not a folder name",
+        )
+        _check(bool(self.run_stages), "run_stages is empty: name at least one stage")
         for name in self.run_stages:
-            if name not in self.stages:
-                raise ConfigError(
-                    f"run_stages names {name!r}, which is not under stages: {sorted(self.stages)}"
-                )
-
-
-# ------------------------------------------------------------------------------------------ loading
-def load_config(files: list[str] | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """YAML files (default: configs/default.yaml) + ``group=name`` selections + ``dotted.key=value``."""
-    paths = [Path(f) for f in files] if files else [DEFAULT_CONFIG]
-    merged = OmegaConf.create()
-    for path in paths:
-        merged = _merge(merged, _load_yaml(path, seen=()))
-    dotted = []
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        group = CONFIG_DIR / key
-        if "." not in key and group.is_dir():
-            fragment = group / f"{value}.yaml"
-            if not fragment.is_file():
-                choices = sorted(p.stem for p in group.glob("*.yaml"))
-                raise ConfigError(f"{key}={value}: no {fragment}; expected one of {choices}")
-            merged = _merge(merged, _load_yaml(fragment, seen=()))
-        else:
-            dotted.append(item)
-    if dotted:
-        merged = _merge(merged, OmegaConf.from_dotlist(dotted))
-    try:
-        data = OmegaConf.to_container(merged, resolve=True)
-    except Exception as err:  # interpolation errors carry multi-line context
-        raise ConfigError(str(err).splitlines()[0]) from None
-    return config_from_dict(data)
-
-
-def _load_yaml(path: Path, seen: tuple[Path, ...]) -> Any:
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"{path}: 'extends' cycle through {[str(p) for p in seen]}")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        node = OmegaConf.load(path)
-    except Exception as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    bases = node.pop("extends", None) or []
-    if isinstance(bases, str):
-        bases = [bases]
-    merged = OmegaConf.create()
-    for base in bases:
-        merged = _merge(merged, _load_yaml(path.parent / base, seen + (path,)))
-    return _merge(merged, node)
-
-
-def _merge(base: Any, update: Any) -> Any:
-    """OmegaConf merge, except that a section choosing a different registry entry replaces the old one.
-
-    Switching ``encoder.name`` from clip to diffusion must not carry CLIP-only keys into the diffusion
-    section, where they would be unknown keys.
-    """
-    for section in REGISTRY_SECTIONS:
-        new_name = OmegaConf.select(update, f"{section}.name", default=None)
-        old_name = OmegaConf.select(base, f"{section}.name", default=None)
-        if new_name is not None and new_name != old_name and section in base:
-            base = OmegaConf.masked_copy(base, [k for k in base if k != section])
-    return OmegaConf.merge(base, update)
-
-
-def config_from_dict(data: dict) -> TrainConfig:
-    if not isinstance(data, dict):
-        raise ConfigError("the configuration is not a mapping")
-    return _build(TrainConfig, data, "")
-
-
-def config_to_dict(config: TrainConfig) -> dict:
-    return dataclasses.asdict(config)
-
-
-def save_config(config: TrainConfig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(config_to_dict(config)), path)
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {_kind(data)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in data:
-        if key not in fields:
-            near = _nearest(str(key), list(fields))
-            hint = f" (did you mean '{prefix}{near}'?)" if near else f"; valid keys: {', '.join(fields)}"
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-    kwargs = {}
-    for key, value in data.items():
-        if cls is TrainConfig and key == "encoder":
-            kwargs[key] = _build_encoder_section(value, prefix + key)
-        else:
-            kwargs[key] = _coerce(hints[key], value, prefix + key)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
-
-
-def _build_encoder_section(value: Any, key: str) -> Any:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key} must be a mapping with a 'name', got {_kind(value)}")
-    name = value.get("name", "clip")
-    try:
-        cls = encoder_class(name)
-    except ValueError as err:
-        raise ConfigError(f"{key}.name: {err}") from None
-    return _build(cls.Config, {**value, "name": name}, key + ".")
-
-
-def _coerce(hint: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{key} must not be null")
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return _coerce(option, value, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0])
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {_kind(value)}")
-        return [_coerce(args[0], v, f"{key}.{i}") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {_kind(value)}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{key}.{i}") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise ConfigError(f"{key} must have {len(args)} items, got {len(value)}")
-        return tuple(_coerce(a, v, f"{key}.{i}") for i, (a, v) in enumerate(zip(args, value, strict=True)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {_kind(value)}")
-        return {k: _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
-    if value is None:
-        raise ConfigError(f"{key} must not be null (expected {getattr(hint, '__name__', hint)})")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads "1e-3" as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported schema type {hint}")
-
-
-def _nearest(key: str, valid: list[str]) -> str | None:
-    """The valid key a typo most likely meant: a close spelling, else the longest key it starts with."""
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    if close:
-        return close[0]
-    prefixes = [v for v in valid if key.startswith(v) or v.startswith(key)]
-    return max(prefixes, key=len) if prefixes else None
-
-
-def _kind(value: Any) -> str:
-    return type(value).__name__
+            _check(
+                name in self.stages,
+                f"run_stages names {name!r}, which is not under stages: {sorted(self.stages)}",
+            )
+        _check(
+            len(set(self.run_stages)) == len(self.run_stages),
+            f"run_stages repeats a stage: {self.run_stages}",
+        )
+        for name in self.run_stages:
+            stage = self.stages[name]
+            _check(
+                stage.train_projector or stage.train_encoder or stage.llm != "frozen",
+                f"stages.{name} trains nothing: train_projector and train_encoder are false and llm is frozen",
+            )
+            per_step = stage.micro_batch_size * self.trainer.ranks
+            _check(
+                stage.global_batch_size % per_step == 0,
+                f"stages.{name}.global_batch_size {stage.global_batch_size} is not a multiple of "
+                f"micro_batch_size x devices x nodes = {stage.micro_batch_size} x {self.trainer.devices} x "
+                f"{self.trainer.num_nodes}",
+            )
+        unknown = sorted(set(self.grounding.stages or ()) - set(self.stages))
+        _check(
+            not unknown,
+            f"grounding.stages names {unknown}, which are not under stages: {sorted(self.stages)}",
+        )
+        if self.grounding.layers is not None and self.llm.path is None:
+            n = self.llm.num_layers
+            bad = [layer for layer in self.grounding.layers if not -n <= layer < n]
+            _check(not bad, f"grounding.layers {bad} are outside the LLM's {n} layers (llm.num_layers)")

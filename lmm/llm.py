@@ -10,7 +10,6 @@ output head.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,39 +18,17 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from datamodules.templates import IMAGE_PLACEHOLDER
 from encoders.base import seeded_init
-from lmm.templates import IMAGE_PLACEHOLDER
+from lmm.config import LLMConfig, LoraConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class LLMConfig:
-    """Schema of ``llm:``. Size fields are used only when ``path`` is None (a random Llama)."""
-
-    path: str | None = None
-    tokenizer: str | None = None  # a tokenizer folder; default: ``path``
-    attn_implementation: str = "sdpa"
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int | None = None
-    intermediate_size: int = 512
-    max_position_embeddings: int = 512
-    init_seed: int = 0
-
-
-@dataclasses.dataclass
-class LoraConfig:
-    r: int = 128
-    alpha: int = 256
-    dropout: float = 0.05
 
 
 class LLMBackbone(L.LightningModule):
     def __init__(self, config: LLMConfig, model: nn.Module | None = None, tokenizer: Any = None) -> None:
         """``model`` + ``tokenizer``: wrap an already built causal LM (e.g. one assembled from a released
-        LLaVA checkpoint by ``lmm.llava_checkpoint``) instead of loading ``config.path`` or building one."""
+        LLaVA checkpoint by ``lmm.released``) instead of loading ``config.path`` or building one."""
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

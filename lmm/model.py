@@ -20,37 +20,17 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from encoders.base import VisualEncoder, build_encoder
-from lmm.llm import LLMBackbone, LLMConfig, LoraConfig
-from lmm.preprocess import IGNORE_INDEX, SampleEncoder
-from lmm.projector import Projector, ProjectorConfig
+from encoders.base import VisualEncoder
+from encoders.registry import build_encoder
+from grounding.batching import left_pad
+from lmm.batch import IGNORE_INDEX, PackedImages, TrainBatch
+from lmm.checkpoint_io import check_checkpoint_keys
+from lmm.config import LLMConfig, ProjectorConfig, StageConfig
+from lmm.llm import LLMBackbone
+from lmm.preprocess import SampleEncoder
+from lmm.projector import Projector
 
 log = logging.getLogger(__name__)
-
-LLM_MODES = ("frozen", "full", "lora")
-
-
-@dataclasses.dataclass
-class StageConfig:
-    """Schema of one entry of ``stages:``. Defaults are LLaVA-1.5's pretraining stage."""
-
-    data: str = "pretrain"  # shard folder, relative to data.root unless absolute
-    template: str = "plain"
-    aspect: str = "crop"
-    llm: str = "frozen"  # frozen | full | lora
-    train_projector: bool = True
-    train_encoder: bool = True  # the encoder's own trainable parts (DiffLMM's captioner and fused block)
-    lr: float = 1e-3
-    projector_lr: float | None = None  # default: lr
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    global_batch_size: int = 256
-    micro_batch_size: int = 16
-    max_steps: int | None = None  # optimizer steps; None = epochs over the shards' sample count
-    epochs: float = 1.0
-    max_length: int = 2048
-    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
-    checkpoint_every_n_steps: int = 200
 
 
 @dataclasses.dataclass
@@ -71,7 +51,7 @@ class LMM(L.LightningModule):
         llm: LLMConfig,
         llm_backbone: LLMBackbone | None = None,
     ) -> None:
-        """``llm_backbone``: an already built ``LLMBackbone`` (released checkpoints, ``lmm.llava_checkpoint``)
+        """``llm_backbone``: an already built ``LLMBackbone`` (released checkpoints, ``lmm.released``)
         used instead of building one from ``llm``."""
         super().__init__()
         self.encoder: VisualEncoder = build_encoder(encoder)
@@ -79,14 +59,14 @@ class LMM(L.LightningModule):
         self.projector = Projector(projector, self.encoder.embed_dim, self.llm.width, self.encoder.num_tokens)
         self.stage: StageConfig | None = None
         self.stage_name: str | None = None
-        self.run_config: dict | None = None  # saved into every checkpoint by train.py's wiring
+        self.run_config: Any = None  # the TrainConfig it was built from (lmm.build), saved into checkpoints
         # Frozen weights are rebuilt from their source (weight files or seeds), not from checkpoints.
         self.strict_loading = False
 
     # ----------------------------------------------------------------------------------------- stages
-    def configure_stage(self, name: str, stage: StageConfig) -> None:
-        if stage.llm not in LLM_MODES:
-            raise ValueError(f"stages.{name}.llm = {stage.llm!r}; expected one of {LLM_MODES}")
+    def configure_stage(self, name: str, stage: StageConfig, quiet: bool = False) -> None:
+        """Freeze and unfreeze for stage ``name``; logs what trains (at debug level when ``quiet``, for
+        loading a trained model rather than training it)."""
         self.stage, self.stage_name = stage, name
         self.encoder.requires_grad_(stage.train_encoder)
         self.encoder.freeze_pretrained()
@@ -94,7 +74,9 @@ class LMM(L.LightningModule):
         if stage.llm == "lora":
             self.llm.enable_lora(stage.lora)
         self.llm.set_trainable(stage.llm)
-        log.info("stage %s trains:\n%s", name, self.trainable_summary())
+        log.log(
+            logging.DEBUG if quiet else logging.INFO, "stage %s trains:\n%s", name, self.trainable_summary()
+        )
 
     def trainable_summary(self) -> str:
         rows = []
@@ -133,18 +115,32 @@ class LMM(L.LightningModule):
         embeds = self.embed_inputs(input_ids, images)
         return self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        batch = self.prepare_batch(batch)
-        out = self(batch["input_ids"], batch["attention_mask"], batch.get("images"), batch["labels"])
-        n = batch["input_ids"].shape[0]
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
+        images = None if batch.images is None else self.encoder_pixels(batch.images)
+        out = self(batch.input_ids, batch.attention_mask, images, batch.labels)
+        n = len(batch)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
         self.log(
-            "train/target_tokens",
-            (batch["labels"] != IGNORE_INDEX).sum().float(),
-            batch_size=n,
-            reduce_fx="sum",
+            "train/target_tokens", (batch.labels != IGNORE_INDEX).sum().float(), batch_size=n, reduce_fx="sum"
         )
         return out.loss
+
+    def encoder_pixels(self, images: PackedImages) -> Tensor:
+        """A batch's packed uint8 images (already on this module's device) -> the encoder's normalised input,
+        fitted with the current stage's aspect: the resize and normalisation run on the accelerator."""
+        if self.stage is None:
+            raise RuntimeError(
+                "configure_stage() must run before training batches: the stage sets the image aspect"
+            )
+        transform = self.encoder.image_transform(self.stage.aspect)
+        # Pixels are prepared in float32 whatever the precision plugin's autocast would pick.
+        with torch.autocast(images.data.device.type, enabled=False):
+            pixels = images.to_pixels(transform)
+        if self._trainer is not None:
+            # The loop casts a batch's floating tensors for "true" half/double precision before the step;
+            # the images only become floating here, so they get the same cast now.
+            pixels = self._trainer.precision_plugin.convert_input(pixels)
+        return pixels
 
     # -------------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> Any:
@@ -182,53 +178,22 @@ class LMM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["lmm"] = {"stage": self.stage_name, "config": self.run_config}
+        config = None if self.run_config is None else dataclasses.asdict(self.run_config)
+        checkpoint["lmm"] = {"stage": self.stage_name, "config": config}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_keys(self, checkpoint["state_dict"], checkpoint.get("lmm", {}).get("stage"))
 
     def sample_encoder(self, stage: StageConfig) -> SampleEncoder:
         """The per-sample preprocessing of a stage: its template and max length, this model's tokenizer and
-        visual-token count (the stage's image aspect is applied on the device, see ``prepare_batch``)."""
-        from lmm.templates import get_template
+        visual-token count (the stage's image aspect is applied on the device: ``encoder_pixels``)."""
+        from datamodules.templates import get_template
 
         return SampleEncoder(
             self.llm.tokenizer, get_template(stage.template), self.encoder.num_tokens, stage.max_length
         )
 
-    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Turn a collated batch's packed uint8 images (already on this module's device) into the encoder's
-        normalised input, with the current stage's aspect; ``training_step`` runs it, so the resize and
-        normalisation happen on the accelerator. Batches without packed images pass unchanged."""
-        if "image_sizes" not in batch:
-            return batch
-        from lmm.preprocess import unpack_images
-
-        if self.stage is None:
-            raise RuntimeError(
-                "configure_stage() must run before training batches: the stage sets the image aspect"
-            )
-        transform = self.encoder.image_transform(self.stage.aspect)
-        out = {k: v for k, v in batch.items() if k != "image_sizes"}
-        packed = batch["images"]
-        # Pixels are prepared in float32 whatever the precision plugin's autocast would pick.
-        with torch.autocast(packed.device.type, enabled=False):
-            images = transform.batch(unpack_images(packed, batch["image_sizes"]))
-        if self._trainer is not None:
-            # The loop casts a batch's floating tensors for "true" half/double precision before the step;
-            # the images only become floating here, so they get the same cast now.
-            images = self._trainer.precision_plugin.convert_input(images)
-        out["images"] = images
-        return out
-
     # ------------------------------------------------------------------------------------- generation
-    def groundable(self) -> Any:
-        """This model as a ``grounding.protocol.GroundableModel``, with the current stage's template and aspect."""
-        from lmm.grounding_adapter import LMMGrounding
-
-        stage = self.stage or StageConfig(template="vicuna_v1", aspect="pad")
-        return LMMGrounding(self, stage.template, stage.aspect)
-
     def prepare_prompts(self, prompts: Sequence[str], images: Sequence[Tensor | None]) -> PromptBatch:
         """Tokenise chat-formatted prompts (each with at most one ``<image>``), expand and left-pad them."""
         if len(prompts) != len(images):
@@ -247,19 +212,13 @@ class LMM(L.LightningModule):
                 i = ids.index(image_id)
                 ids = ids[:i] + [image_id] * n_visual + ids[i + 1 :]
             rows.append(ids)
-        length = max(map(len, rows))
-        input_ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        spans: list[tuple[int, int] | None] = []
-        for b, ids in enumerate(rows):
-            offset = length - len(ids)
-            input_ids[b, offset:] = torch.tensor(ids)
-            attention_mask[b, offset:] = 1
-            spans.append(
-                (offset + ids.index(image_id), offset + ids.index(image_id) + n_visual)
-                if image_id in ids
-                else None
-            )
+        input_ids, attention_mask, offsets = left_pad(rows, tok.pad_token_id)
+        spans = [
+            (offset + ids.index(image_id), offset + ids.index(image_id) + n_visual)
+            if image_id in ids
+            else None
+            for offset, ids in zip(offsets, rows, strict=True)
+        ]
         present = [im for im in images if im is not None]
         stacked = torch.stack(list(present)) if present else None
         return PromptBatch(
@@ -303,23 +262,3 @@ class LMM(L.LightningModule):
             return self.decode(self.generate_from(batch, max_new_tokens, **kwargs))
         finally:
             self.train(was_training)
-
-
-def check_checkpoint_keys(model: LMM, state_dict: dict[str, Tensor], stage: str | None) -> None:
-    """One-line errors for a checkpoint that does not fit the model as configured for its stage."""
-    own = dict(model.named_parameters())
-    foreign = sorted(k for k in state_dict if k not in own)
-    if foreign:
-        raise ValueError(
-            f"checkpoint (stage {stage}) has {len(foreign)} keys the model lacks, e.g. {foreign[0]!r}"
-        )
-    missing = sorted(model.trainable_keys() - state_dict.keys())
-    if missing:
-        raise ValueError(
-            f"checkpoint (stage {stage}) lacks {len(missing)} trainable weights, e.g. {missing[0]!r}"
-        )
-    for k, v in state_dict.items():
-        if own[k].shape != v.shape:
-            raise ValueError(
-                f"checkpoint key {k!r} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}"
-            )

@@ -1,14 +1,11 @@
-"""Turning one LLaVA record into model inputs (token ids, labels, uint8 image), and batching them.
+"""Turning one LLaVA record into model inputs (token ids, labels, uint8 image) inside a dataloader worker.
 
-``SampleEncoder`` runs inside dataloader workers: it renders the conversation with a template, tokenises
-it once with character offsets, derives the label mask from the template's target spans, expands the single
-``<image>`` token into the encoder's N visual-token slots and truncates to the maximum length. The image is
-passed on as decoded uint8 pixels; resizing and normalising happen on the accelerator after the batch is
-transferred (``ImageTransform.batch``, called by ``LMM.prepare_batch`` in the training step), so workers do little
-more than decode. Records that cannot train (no assistant turn, nothing left to learn after truncation, an
-image placeholder without an image) raise ``SkipSample`` with a reason the datamodule counts and logs.
-``collate`` right-pads a list of encoded samples into one batch of image and text-only samples together,
-packing the batch's images into one flat uint8 buffer (one shared-memory block, one host-to-device copy).
+``SampleEncoder`` renders the conversation with a template, tokenises it once with character offsets,
+derives the label mask from the template's target spans, expands the single ``<image>`` token into the
+encoder's N visual-token slots and truncates to the maximum length. The image is passed on as decoded uint8
+pixels; ``lmm.batch`` batches the samples and resizes and normalises the images on the accelerator. Records
+that cannot train (no assistant turn, nothing left to learn after truncation, an image placeholder without an
+image) raise ``SkipSample`` with a reason the datamodule counts and logs.
 """
 
 from __future__ import annotations
@@ -21,13 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import get_worker_info
 
-from datamodules.shards import SkipSample
-from encoders.base import to_uint8_image
-from lmm.templates import IMAGE_PLACEHOLDER, ConversationError, Template
-
-IGNORE_INDEX = -100
+from datamodules.errors import SkipSample
+from datamodules.templates import IMAGE_PLACEHOLDER, ConversationError, Template
+from encoders.transform import to_uint8_image
+from lmm.batch import IGNORE_INDEX
 
 
 def image_token_id(tokenizer: Any) -> int:
@@ -126,42 +121,3 @@ class SampleEncoder:
         if has_image:
             out["image"] = to_uint8_image(image)
         return out
-
-
-def collate(samples: Sequence[dict[str, Tensor]], pad_token_id: int) -> dict[str, Any]:
-    """Right-pad a list of encoded samples. The images of the samples that have one, in order, are packed
-    into ``images`` (flat uint8) with their ``image_sizes`` ((H, W) pairs, kept as Python ints so reading
-    them on the device side needs no synchronisation); ``unpack_images`` undoes it."""
-    length = max(len(s["input_ids"]) for s in samples)
-    batch = len(samples)
-    input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
-    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((batch, length), dtype=torch.long)
-    for row, sample in enumerate(samples):
-        n = len(sample["input_ids"])
-        input_ids[row, :n] = sample["input_ids"]
-        labels[row, :n] = sample["labels"]
-        attention_mask[row, :n] = 1
-    out: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-    images = [s["image"] for s in samples if "image" in s]
-    if images:
-        flat = [image.reshape(-1) for image in images]
-        packed = None
-        if get_worker_info() is not None:
-            # As torch's default_collate does: build the batch in shared memory inside a worker, so handing
-            # it to the main process does not copy every image a second time.
-            storage = flat[0]._typed_storage()._new_shared(sum(f.numel() for f in flat))
-            packed = flat[0].new(storage)
-        out["images"] = torch.cat(flat, out=packed)
-        out["image_sizes"] = [(int(image.shape[0]), int(image.shape[1])) for image in images]
-    return out
-
-
-def unpack_images(flat: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
-    """The inverse of ``collate``'s packing: views ``(H, W, 3)`` into ``flat`` (on whatever device it is)."""
-    counts = [height * width * 3 for height, width in sizes]
-    if sum(counts) != flat.numel():
-        raise ValueError(
-            f"packed images hold {flat.numel()} bytes but their sizes {list(sizes)} need {sum(counts)}"
-        )
-    return [part.view(h, w, 3) for part, (h, w) in zip(flat.split(counts), sizes, strict=True)]

@@ -8,18 +8,13 @@ so per-stage freezing and the projector learning rate address it by name.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-
-@dataclasses.dataclass
-class ProjectorConfig:
-    name: str = "mlp2x_gelu"
-    positional_embedding: bool = False
+from lmm.config import ProjectorConfig
 
 
 def _mlp2x_gelu(in_dim: int, out_dim: int) -> nn.Module:

@@ -9,6 +9,7 @@ with the chance level of each kind, which the world also records.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -18,8 +19,12 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from datamodules.templates import get_template
+from lmm.config import TrainConfig
 from lmm.model import LMM
-from lmm.templates import get_template
+from lmm.run_dir import RunDir
+
+log = logging.getLogger(__name__)
 
 
 def normalise_answer(text: str) -> str:
@@ -74,3 +79,35 @@ def evaluate_qa(
         "n": len(results),
         "results": results,
     }
+
+
+def run_qa_eval(config: TrainConfig, model: LMM) -> dict | None:
+    """``qa_eval:`` of a run config after training: accuracy per kind, written to ``qa_eval.json`` and logged."""
+    qa = config.qa_eval
+    if qa.questions is None:
+        return None
+    path = Path(qa.questions) if Path(qa.questions).is_absolute() else Path(config.data.root) / qa.questions
+    questions, chance = load_questions(path)
+    if qa.limit:
+        questions = questions[: qa.limit]
+    result = evaluate_qa(
+        model,
+        questions,
+        path.parent,
+        qa.template,
+        qa.aspect,
+        qa.batch_size,
+        qa.max_new_tokens,
+        progress=config.trainer.progress_bar,
+    )
+    result["chance"] = chance
+    RunDir(config.run_dir).qa_file.write_text(json.dumps(result, indent=1))
+    lines = [f"QA accuracy on {result['n']} held-out questions: {result['accuracy']:.3f}"]
+    for kind, acc in result["per_kind"].items():
+        ref = chance.get(kind)
+        lines.append(f"  {kind:<10} {acc:.3f}" + (f"   (chance {ref:.3f})" if ref is not None else ""))
+    lines.append("examples:")
+    for r in result["results"][: qa.show]:
+        lines.append(f"  Q: {r['question']}  A: {r['prediction']!r}  (ref {r['answer']!r})")
+    log.info("\n".join(lines))
+    return result

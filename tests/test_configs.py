@@ -1,13 +1,14 @@
 """Every YAML under configs/ loads, validates and (where it needs no weight files) builds; bad configs fail clearly."""
 
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 import train
-from lmm.checkpoint import build_model
-from lmm.config import CONFIG_DIR, ConfigError, load_config
+from lmm.build import build_model
+from lmm.config_loading import CONFIG_DIR, ConfigError, load_config
 
 TOP_LEVEL = sorted(CONFIG_DIR.glob("*.yaml"))
 FRAGMENTS = sorted(p for p in CONFIG_DIR.glob("*/*.yaml"))
@@ -59,10 +60,10 @@ def test_unknown_key_names_the_key_and_the_nearest_valid_one():
 
 def test_out_of_range_data_settings_fail_in_one_line():
     with pytest.raises(
-        ConfigError, match=r"^data: decode_min_side must be a positive pixel count or null, got 0$"
+        ConfigError, match=r"^data\.decode_min_side must be a positive pixel count or null, got 0$"
     ):
         load_config(None, ["data.decode_min_side=0"])
-    with pytest.raises(ConfigError, match=r"^data: num_workers must be >= 0, got -1$"):
+    with pytest.raises(ConfigError, match=r"^data\.num_workers must be >= 0, got -1$"):
         load_config(None, ["data.num_workers=-1"])
     assert load_config(None, ["data.decode_min_side=672"]).data.decode_min_side == 672
 
@@ -101,3 +102,131 @@ def test_missing_weight_file_is_named(tmp_path):
     config = load_config(None, [f"llm.path={tmp_path}/vicuna"])
     with pytest.raises(FileNotFoundError, match="vicuna"):
         build_model(config)
+
+
+def _choice_fields(cls, prefix):
+    """(dotted key, allowed values) of every ``Literal`` field of a schema dataclass, nested ones included."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        if typing.get_origin(hint) is typing.Literal:
+            yield f"{prefix}{field.name}", typing.get_args(hint)
+        elif dataclasses.is_dataclass(hint):
+            yield from _choice_fields(hint, f"{prefix}{field.name}.")
+
+
+def _every_choice_override():
+    from encoders.config import ENCODER_CONFIGS
+    from lmm.config import StageConfig, TrainConfig
+
+    for key, allowed in _choice_fields(TrainConfig, ""):
+        yield [], key, allowed
+    for stage in ("pretrain", "instruct"):
+        for key, allowed in _choice_fields(StageConfig, f"stages.{stage}."):
+            yield [], key, allowed
+    for name, cls in ENCODER_CONFIGS.items():
+        for key, allowed in _choice_fields(cls, "encoder."):
+            yield [f"encoder.name={name}"], key, allowed
+
+
+CHOICES = list(_every_choice_override())
+
+
+def test_the_choice_list_covers_every_section():
+    keys = {key for _, key, _ in CHOICES}
+    assert {
+        "stages.instruct.llm",
+        "stages.pretrain.template",
+        "stages.pretrain.aspect",
+        "grounding.refiner",
+    } <= keys
+    assert {
+        "projector.name",
+        "qa_eval.template",
+        "trainer.precision",
+        "encoder.noise",
+        "encoder.clip_resize",
+    } <= keys
+
+
+@pytest.mark.parametrize(
+    ("prefix", "key", "allowed"), CHOICES, ids=[f"{p[0] if p else ''} {k}" for p, k, _ in CHOICES]
+)
+def test_every_choice_field_rejects_a_value_outside_its_choices(prefix, key, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*prefix, f"{key}=nonsense"])
+    message = str(err.value)
+    assert "\n" not in message and key in message and "'nonsense'" in message
+    assert all(str(choice) in message for choice in allowed)
+    for choice in allowed:  # and accepts each of them (a valid value never fails on its own)
+        try:
+            load_config(None, [*prefix, f"{key}={choice}"])
+        except ConfigError as other:
+            assert "is not one of" not in str(other), other
+
+
+BAD_VALUES = [
+    ("stages.instruct.llm=lorra", "stages.instruct.llm = 'lorra' is not one of: frozen, full, lora"),
+    (
+        "stages.pretrain.template=vicuna",
+        "stages.pretrain.template = 'vicuna' is not one of: plain, vicuna_v1",
+    ),
+    ("stages.pretrain.aspect=padd", "stages.pretrain.aspect = 'padd' is not one of: crop, pad, resize"),
+    ("grounding.refiner=sma", "grounding.refiner = 'sma' is not one of: threshold, sam"),
+    ("qa_eval.template=vicuna", "qa_eval.template = 'vicuna' is not one of"),
+    (
+        "encoder.name=vit9000",
+        "encoder.name: unknown encoder 'vit9000'; expected one of ['clip', 'diffusion', 'fused']",
+    ),
+    ("projector.name=mlp3x", "projector.name = 'mlp3x' is not one of: mlp2x_gelu, linear"),
+    ("llm.hidden_size=0", "llm.hidden_size must be positive, got 0"),
+    ("encoder.width=-8", "encoder.width must be positive, got -8"),
+    ("stages.pretrain.max_steps=0", "stages.pretrain.max_steps must be positive, got 0"),
+    ("stages.pretrain.global_batch_size=-16", "stages.pretrain.global_batch_size must be positive, got -16"),
+    ("stages.pretrain.lr=-1", "stages.pretrain.lr must be positive, got -1.0"),
+    ("stages.pretrain.micro_batch_size=0", "stages.pretrain.micro_batch_size must be positive, got 0"),
+    (
+        "stages.instruct.micro_batch_size=5",
+        "stages.instruct.global_batch_size 16 is not a multiple of micro_batch_size 5",
+    ),
+    ("trainer.devices=0", "trainer.devices must be positive, got 0"),
+    (
+        "trainer.devices=3",
+        "stages.pretrain.global_batch_size 16 is not a multiple of micro_batch_size x devices x nodes",
+    ),
+    ("grounding.batch_size=0", "grounding.batch_size must be >= 1, got 0"),
+    ("grounding.layers=[99]", "grounding.layers [99] are outside the LLM's 4 layers"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_train_py_stops_on_a_bad_value_before_any_work(override, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default config's data and runs folders are relative: both land here
+    assert train.main([override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not any(tmp_path.iterdir()), "nothing is generated or written for a bad config"
+
+
+def test_a_bad_value_exits_2_from_the_command_line_in_seconds(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(Path(train.__file__)), "stages.instruct.llm=lorra"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "lorra" in proc.stderr
+    assert not any(tmp_path.iterdir())
+    print(f"bad config rejected in {seconds:.1f} s")

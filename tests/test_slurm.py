@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from lmm.checkpoint import read_checkpoint, stage_checkpoint
+from lmm.checkpoint_io import read_checkpoint
 from lmm.config import TrainConfig
+from lmm.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 120
@@ -120,7 +121,7 @@ def test_sigusr1_requeues_and_resumes_under_real_slurm(tiny_args, tmp_path):
     print(f"\nSLURM requeue: signal -> first optimizer step of the requeued job: {latency:.1f} s")
     (tmp_path / "requeue_latency.txt").write_text(f"{latency:.2f}\n")
 
-    final = read_checkpoint(stage_checkpoint(run_dir, "pretrain"))
+    final = read_checkpoint(RunDir(run_dir).last_checkpoint("pretrain"))
     assert final["global_step"] == STEPS
     assert not list((run_dir / "checkpoints" / "pretrain").glob("hpc_ckpt_*")), "superseded by last.ckpt"
     batches: dict[int, list[str]] = {}

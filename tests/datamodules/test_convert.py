@@ -19,9 +19,10 @@ from PIL import Image
 
 from datamodules import convert as conv
 from datamodules.shards import ShardDataModule, ShardIndex, read_shard
+from datamodules.templates import get_template
 from datamodules.word_tokenizer import build_word_tokenizer
-from lmm.preprocess import SampleEncoder, collate
-from lmm.templates import get_template
+from lmm.batch import collate
+from lmm.preprocess import SampleEncoder
 
 
 def _image(path: Path, fmt: str = "JPEG", size: tuple[int, int] = (40, 30), color=(200, 30, 30)) -> bytes:
@@ -100,7 +101,7 @@ def test_mix665k_with_two_roots_text_only_and_bad_entries(mix665k, tmp_path):
     encode = SampleEncoder(tok, get_template("vicuna_v1"), 4, 256)
     dm = ShardDataModule(out, encode, partial(collate, pad_token_id=tok.pad_token_id), 11, num_workers=0)
     batch = next(iter(dm.train_dataloader()))
-    assert len(batch["image_sizes"]) == 9 and batch["input_ids"].shape[0] == 11 and not batch["skipped"]
+    assert len(batch.batch.images) == 9 and len(batch.batch) == 11 and not batch.skipped
 
 
 def test_blip558k_layout_and_cli(tmp_path, capsys):

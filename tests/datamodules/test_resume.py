@@ -19,11 +19,13 @@ import torch
 
 import train
 from datamodules.shards import ShardDataModule
+from datamodules.templates import get_template
 from datamodules.word_tokenizer import build_word_tokenizer
-from lmm.checkpoint import read_checkpoint, stage_checkpoint
+from lmm.batch import collate
+from lmm.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from lmm.config import TrainConfig
-from lmm.preprocess import SampleEncoder, collate
-from lmm.templates import get_template
+from lmm.preprocess import SampleEncoder
+from lmm.run_dir import RunDir
 
 
 class Crash(RuntimeError):
@@ -68,7 +70,7 @@ def test_killed_and_resumed_run_matches_the_straight_run(tiny_args, tmp_path, mo
     monkeypatch.setattr(LMM, "training_step", crash_at_11)
     with pytest.raises(Crash):
         train.main(killed)
-    assert read_checkpoint(stage_checkpoint(runs / "killed", "pretrain"))["global_step"] == 9
+    assert read_checkpoint(RunDir(runs / "killed").last_checkpoint("pretrain"))["global_step"] == 9
     monkeypatch.setattr(LMM, "training_step", step)
     assert train.main(killed) == 0
 
@@ -80,8 +82,8 @@ def test_killed_and_resumed_run_matches_the_straight_run(tiny_args, tmp_path, mo
     lines = (runs / "killed" / "samples" / "pretrain" / "rank0.jsonl").read_text().splitlines()
     assert len(lines) == 16 + 3, "batches 9-11 were consumed, lost with the kill, and redone"
 
-    wa = read_checkpoint(stage_checkpoint(runs / "straight", "pretrain"))
-    wb = read_checkpoint(stage_checkpoint(runs / "killed", "pretrain"))
+    wa = read_checkpoint(RunDir(runs / "straight").last_checkpoint("pretrain"))
+    wb = read_checkpoint(RunDir(runs / "killed").last_checkpoint("pretrain"))
     assert wa["global_step"] == wb["global_step"] == 16
     assert wa["state_dict"].keys() == wb["state_dict"].keys()
     for key, value in wa["state_dict"].items():
@@ -106,7 +108,7 @@ def test_stream_restarted_at_any_batch_continues_the_same_sequence(tiny_world, w
     reference = []
     for batch in full.train_dataloader():
         full.on_before_batch_transfer(batch, 0)
-        reference.append(batch["input_ids"])
+        reference.append(batch.batch.input_ids)
         if len(reference) == n:
             break
     for start in (1, per_epoch - 1, per_epoch + 1):
@@ -114,7 +116,7 @@ def test_stream_restarted_at_any_batch_continues_the_same_sequence(tiny_world, w
         resumed.load_state_dict({**full.state_dict(), "consumed_batches": start})
         got = []
         for batch in resumed.train_dataloader():
-            got.append(batch["input_ids"])
+            got.append(batch.batch.input_ids)
             if len(got) == n - start:
                 break
         for i, (x, y) in enumerate(zip(reference[start:], got, strict=True)):
@@ -132,8 +134,8 @@ def test_changed_layout_resumes_approximately_with_a_warning(tiny_world, caplog)
 
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
-    checkpoint_io = train.atomic_checkpoint_io()
-    path = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint_io = AtomicCheckpointIO()
+    path = RunDir(tmp_path).last_checkpoint("stage")
     checkpoint_io.save_checkpoint({"global_step": 1, "w": torch.ones(4)}, path)
 
     def killed_while_writing(obj, f, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
@@ -149,7 +151,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path, 
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"], "no temporary file is left behind"
 
     (path.parent / ".last.ckpt.tmp999").write_bytes(b"left by a SIGKILL")  # a kill leaves its temp file
-    assert train.newest_checkpoint(path.parent) == path
+    assert RunDir(tmp_path).newest_checkpoint("stage") == path  # a temp file is never a checkpoint
     checkpoint_io.save_checkpoint({"global_step": 3}, path)
     assert read_checkpoint(path)["global_step"] == 3
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
@@ -158,12 +160,13 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path, 
 def test_resume_picks_the_newest_of_last_and_requeue_checkpoints(tmp_path):
     import os
 
-    folder = tmp_path / "ckpt"
-    folder.mkdir()
-    assert train.newest_checkpoint(folder) is None
+    run = RunDir(tmp_path)
+    folder = run.checkpoint_dir("pretrain")
+    folder.mkdir(parents=True)
+    assert run.newest_checkpoint("pretrain") is None
     for i, name in enumerate(["hpc_ckpt_1.ckpt", "last.ckpt", "hpc_ckpt_2.ckpt"]):
         (folder / name).write_bytes(b"x")
         os.utime(folder / name, ns=(10**9 * (i + 1), 10**9 * (i + 1)))
-    assert train.newest_checkpoint(folder).name == "hpc_ckpt_2.ckpt"
+    assert run.newest_checkpoint("pretrain").name == "hpc_ckpt_2.ckpt"
     os.utime(folder / "last.ckpt", ns=(10**10, 10**10))
-    assert train.newest_checkpoint(folder).name == "last.ckpt"
+    assert run.newest_checkpoint("pretrain").name == "last.ckpt"

@@ -20,10 +20,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from skimage.measure import label as connected_components
 
+from datamodules.config import COLOUR_RGB, KINDS
 from datamodules.shapes import (
-    COLOUR_RGB,
     DETAIL_PROMPT,
-    KINDS,
     POSITIONS,
     QA_KINDS,
     ShapeSpec,

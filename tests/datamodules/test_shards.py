@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from datamodules.shards import ShardDataModule, ShardIndex, SkipSample, decode_image, decode_sample
+from datamodules.templates import get_template
 from datamodules.word_tokenizer import build_word_tokenizer
-from lmm.preprocess import SampleEncoder, collate
-from lmm.templates import get_template
+from lmm.batch import collate
+from lmm.preprocess import SampleEncoder
 
 
 def _png(color=(255, 0, 0)):
@@ -96,17 +97,18 @@ def test_stream_skips_and_counts_bad_samples_and_never_unpickles(shard_dir, monk
             break
     skipped = {}
     for b in batches:
-        for kind, n in b["skipped"].items():
+        for kind, n in b.skipped.items():
             skipped[kind] = skipped.get(kind, 0) + n
     assert skipped.get("corrupt_image", 0) >= 1 and skipped.get("bad_json", 0) >= 1
     assert skipped.get("bad_conversation", 0) >= 1 and skipped.get("corrupt_shard", 0) >= 1
     assert not (shard_dir / "PWNED").exists(), "a pickle member in a shard must never be loaded"
     image_id = tok.convert_tokens_to_ids("<image>")
-    mixed = [b for b in batches if "images" in b and (b["input_ids"] == image_id).sum(1).eq(0).any()]
+    rows = [b.batch for b in batches]
+    mixed = [b for b in rows if b.images is not None and (b.input_ids == image_id).sum(1).eq(0).any()]
     assert mixed, "image and text-only samples share batches"
-    for b in batches:
-        n_images = len(b.get("image_sizes", []))
-        assert int((b["input_ids"] == image_id).sum()) == 4 * n_images
+    for b in rows:
+        n_images = 0 if b.images is None else len(b.images)
+        assert int((b.input_ids == image_id).sum()) == 4 * n_images
 
 
 def test_decode_sample_reports_the_bad_member():
@@ -198,7 +200,7 @@ def test_the_datamodule_passes_decode_min_side_to_its_workers(tmp_path):
             num_workers=1,
             decode_min_side=min_side,
         )
-        sizes[min_side] = next(iter(dm.train_dataloader()))["image_sizes"]
+        sizes[min_side] = next(iter(dm.train_dataloader())).batch.images.sizes
     assert [tuple(s) for s in sizes[None]] == [(600, 800)] * 4
     assert [tuple(s) for s in sizes[100]] == [(150, 200)] * 4  # 1/4: 600 // 8 = 75 < 100
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from encoders.base import build_encoder
-from encoders.clip import ClipEncoderConfig
+from encoders.config import ClipEncoderConfig
+from encoders.registry import build_encoder
 
 TINY = dict(model="ViT-B-16", image_size=32, patch_size=8, width=64, layers=3, head_width=32)
 

@@ -16,7 +16,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from encoders.base import CLIP_MEAN, CLIP_STD, build_encoder, encoder_class
 from encoders.diffusion import (
     DiffusionEncoder,
     DiffusionEncoderConfig,
@@ -25,6 +24,8 @@ from encoders.diffusion import (
     unet_feature_size,
     unet_features,
 )
+from encoders.registry import build_encoder, encoder_class
+from encoders.transform import CLIP_MEAN, CLIP_STD
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "encoder"
 

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from encoders.base import CLIP_MEAN, CLIP_STD, build_encoder, encoder_class
 from encoders.clip import ClipEncoder
 from encoders.fused import FusedEncoder
+from encoders.registry import build_encoder, encoder_class
+from encoders.transform import CLIP_MEAN, CLIP_STD
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "encoder"
 

@@ -8,7 +8,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as TF2
 
-from encoders.base import CLIP_MEAN, CLIP_STD, ImageTransform, pad_to_square, to_uint8_image
+from encoders.transform import CLIP_MEAN, CLIP_STD, ImageTransform, pad_to_square, to_uint8_image
 
 
 def _pil_reference(image, size, aspect):

@@ -1,4 +1,4 @@
-"""End-to-end tests for ``python -m grounding.evaluate`` (gcg, png, res) on tiny hand-made data in the real
+"""End-to-end tests for ``python -m grounding evaluate`` (gcg, png, res) on tiny hand-made data in the real
 formats. The GCG set is three 10x10 images written as GLaMM's GranD-f files (COCO instances JSON with RLE
 masks, COCO captions JSON with ``labels``, one prediction JSON per image named ``{image_id}.json``): one image
 is predicted well (one mask at IoU exactly 0.5), one has the best-IoU pair's phrase unrelated so recall stops
@@ -26,7 +26,8 @@ from grounding.coco_io import (
     load_png_ground_truth,
     mask_to_rle,
 )
-from grounding.evaluate import evaluate_gcg, main
+from grounding.commands.evaluate import main
+from grounding.evaluate import evaluate_gcg
 
 
 def rect(r0: int, r1: int, c0: int, c1: int, h: int = 10, w: int = 10) -> np.ndarray:
@@ -158,15 +159,15 @@ def test_gcg_cli_end_to_end_with_caption_metrics(gcg_set, text_model, tmp_path, 
     assert "AP50" in printed and "METEOR" in printed and "1 without a prediction file" in printed
 
 
-@pytest.mark.filterwarnings("ignore:'grounding.evaluate' found in sys.modules:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:'grounding.__main__' found in sys.modules:RuntimeWarning")
 def test_gcg_module_entry_point_equals_in_memory_function(gcg_set, text_model, tmp_path, monkeypatch):
     out = tmp_path / "gcg.json"
-    # Exactly what `python -m grounding.evaluate gcg ...` runs, without paying for a second interpreter.
+    # Exactly what `python -m grounding evaluate gcg ...` runs, without paying for a second interpreter.
     monkeypatch.setattr(
-        sys, "argv", ["grounding.evaluate", *gcg_argv(gcg_set, text_model, out, "--no-caption-metrics")]
+        sys, "argv", ["grounding", "evaluate", *gcg_argv(gcg_set, text_model, out, "--no-caption-metrics")]
     )
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("grounding.evaluate", run_name="__main__", alter_sys=True)
+        runpy.run_module("grounding", run_name="__main__", alter_sys=True)
     assert exit_info.value.code == 0
     cli = json.loads(out.read_text())
     assert cli["meteor"] is None and cli["cider"] is None

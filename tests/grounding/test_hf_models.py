@@ -184,10 +184,12 @@ def test_llava_pads_to_square_with_the_mean_colour(grounding):
 
 def test_grounded_generation_end_to_end(grounding):
     from grounding.attend import AttendAndSegment
-    from grounding.segment import ThresholdRefiner
+    from grounding.config import AttendConfig
 
     pictures = images()
-    results = AttendAndSegment(grounding, ThresholdRefiner(), SPACY, max_new_tokens=8, batch_size=2)(pictures)
+    results = AttendAndSegment(grounding, AttendConfig(spacy_model=SPACY, max_new_tokens=8, batch_size=2))(
+        pictures
+    )
     assert len(results) == 2
     for image, result in zip(pictures, results, strict=True):
         assert result.token_maps.shape[1:] == (4, 4)

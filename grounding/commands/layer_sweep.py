@@ -1,4 +1,4 @@
-"""Which decoder layers ground? ``python -m grounding.layer_sweep --run runs/<name> [--sets 0 1 -1 0,1]``.
+"""Which decoder layers ground? ``python -m grounding layer-sweep --run runs/<name> [--sets 0 1 -1 0,1]``.
 
 Runs the training-time grounding evaluation of a trained run (its ``grounding:`` config and validation set:
 attend-and-segment, GLaMM's GCG metrics, phrase pointing accuracy) once per layer setting: the mean over all
@@ -18,9 +18,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from grounding.callback import GroundingEvaluator
 from grounding.capture import select_layers
-from grounding.cli import load_groundable_run
+from grounding.commands.models import ModelLoadError, load_model
+from grounding.evaluator import GroundingEvaluator
 
 COLUMNS = ("pointing", "recall", "miou", "ap50")
 
@@ -38,10 +38,15 @@ def parse_sets(sets: list[str] | None, n_layers: int) -> list[list[int] | None]:
     return parsed
 
 
-def sweep(run: Path, sets: list[str] | None, limit: int | None, device: str) -> list[dict[str, Any]]:
-    model, config = load_groundable_run(run, device)  # with the run's own grounding settings and data root
+def sweep(run: Path, sets: list[str] | None, limit: int | None, device: str | None) -> list[dict[str, Any]]:
+    try:
+        loaded = load_model(argparse.Namespace(run=run, device=device))
+    except ModelLoadError as err:
+        raise SystemExit(f"error: {err}") from None
+    config = loaded.run_config  # the run's own grounding settings and data root
     grounding = config.grounding if limit is None else dataclasses.replace(config.grounding, limit=limit)
     evaluator = GroundingEvaluator(grounding, Path(config.data.root))
+    model = loaded.model
     n_layers = model.language_model.config.num_hidden_layers
     settings = parse_sets(sets, n_layers)
     for layers in settings:
@@ -67,7 +72,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m grounding layer-sweep", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument(
         "--run", required=True, type=Path, help="run directory (runs/<name>) of a trained LMM"
     )
@@ -83,15 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON records (default: RUN/grounding/layers.json)"
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
-    if not (args.run / "config.yaml").is_file():
-        raise SystemExit(f"error: {args.run} is not a run directory (no config.yaml)")
-    records = sweep(args.run, args.sets, args.limit, args.device)
     out = args.out or args.run / "grounding" / "layers.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=1) + "\n")
+    try:  # before the work, not after it: a read-only run needs --out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(f".{out.name}.probe")
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise SystemExit(f"error: cannot write {out} ({err.strerror}); pass --out") from None
+    records = sweep(args.run, args.sets, args.limit, args.device)
     print(format_table(records))
+    out.write_text(json.dumps(records, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -1,16 +1,18 @@
 """Label masks of both templates against hand-written token/label arrays (multi-turn, text-only, truncation)."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from datamodules.shards import SkipSample
+from datamodules.errors import SkipSample
+from datamodules.templates import ConversationError, get_template
 from datamodules.word_tokenizer import build_word_tokenizer
-from lmm.preprocess import IGNORE_INDEX, SampleEncoder, collate, token_labels, unpack_images
-from lmm.templates import ConversationError, get_template
+from lmm.batch import IGNORE_INDEX, collate
+from lmm.preprocess import SampleEncoder, token_labels
 
 CORPUS = ["What color is it?", "Red.", "Is it a circle?", "Yes.", "A red circle.", "Describe the image."]
 
@@ -265,12 +267,14 @@ def test_collate_pads_right_and_packs_only_present_images(tok):
     b = enc({"conversations": [{"from": "human", "value": "Is it?"}, {"from": "gpt", "value": "Red."}]}, None)
     c = enc(image_record, Image.fromarray(tall))
     batch = collate([b, a, c], pad_token_id=tok.pad_token_id)
-    assert batch["image_sizes"] == [(6, 8), (9, 4)] and batch["images"].dtype == torch.uint8
-    unpacked = unpack_images(batch["images"], batch["image_sizes"])
+    assert batch.images.sizes == [(6, 8), (9, 4)] and batch.images.data.dtype == torch.uint8
+    unpacked = batch.images.unpack()
     assert [u.numpy().tolist() for u in unpacked] == [wide.tolist(), tall.tolist()]
     with pytest.raises(ValueError, match="packed images hold"):
-        unpack_images(batch["images"], [(6, 8)])
+        dataclasses.replace(batch.images, sizes=[(6, 8)]).unpack()
     n_b = len(b["input_ids"])
-    assert batch["attention_mask"][0].tolist() == [1] * n_b + [0] * (batch["input_ids"].shape[1] - n_b)
-    assert (batch["input_ids"][0, n_b:] == tok.pad_token_id).all()
-    assert (batch["labels"][0, n_b:] == IGNORE_INDEX).all()
+    assert batch.attention_mask[0].tolist() == [1] * n_b + [0] * (batch.input_ids.shape[1] - n_b)
+    assert (batch.input_ids[0, n_b:] == tok.pad_token_id).all()
+    assert (batch.labels[0, n_b:] == IGNORE_INDEX).all()
+    text_only = collate([b], pad_token_id=tok.pad_token_id)
+    assert text_only.images is None and len(text_only) == 1

@@ -1,0 +1,118 @@
+"""The schema of the ``data:`` config section and of the synthetic shapes world; standard library only.
+
+The shapes world's palette and shape kinds live here because its config validates against them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+from dataclasses import dataclass
+from typing import Any
+
+# Every palette colour has a channel <= 60 while backgrounds stay >= 170 and distractors are pure grey,
+# so an exact-RGB match identifies shape pixels unambiguously.
+COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("red", (220, 38, 38)),
+    ("green", (34, 160, 60)),
+    ("blue", (37, 84, 220)),
+    ("yellow", (235, 200, 20)),
+    ("purple", (135, 55, 180)),
+    ("orange", (245, 125, 20)),
+)
+COLOUR_RGB = types.MappingProxyType(dict(COLOURS))
+KINDS = ("circle", "square", "triangle", "diamond", "star")
+DEFAULT_KINDS = ("circle", "square", "triangle", "diamond")
+
+
+@dataclass(frozen=True)
+class ShapesWorldConfig:
+    """Everything that determines a shapes world; equal configs give byte-identical worlds.
+
+    Sizes are fractions of the image's short side; `image_sizes` are (width, height) pairs.
+    """
+
+    seed: int = 0
+    n_pretrain: int = 6000
+    n_instruct: int = 8000
+    n_val: int = 100
+    n_val_qa: int = 300
+    samples_per_shard: int = 1000
+    image_sizes: tuple[tuple[int, int], ...] = ((96, 96), (128, 96), (96, 128))
+    colours: tuple[str, ...] = tuple(name for name, _ in COLOURS)
+    kinds: tuple[str, ...] = DEFAULT_KINDS
+    min_shapes: int = 1
+    max_shapes: int = 3
+    small_side: tuple[float, float] = (0.18, 0.24)
+    large_side: tuple[float, float] = (0.34, 0.42)
+    cell_margin: float = 0.12  # fraction of a cell kept free at its borders, so positions are unambiguous
+    min_visible: float = 0.8  # every shape keeps at least this fraction of its pixels under occlusion
+    texture_prob: float = 0.3
+    lines_prob: float = 0.25
+    specks_prob: float = 0.25
+    text_only_fraction: float = 0.1
+    max_rounds: int = 3
+    describe_weight: float = 2.5  # relative to 1.0 for each QA kind, so detailed descriptions are common
+
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ValueError("seed must be >= 0")
+        if not 1 <= self.min_shapes <= self.max_shapes <= 9:
+            raise ValueError("need 1 <= min_shapes <= max_shapes <= 9 (one shape per 3x3 cell)")
+        if self.max_shapes > len(self.colours) * len(self.kinds):
+            raise ValueError("not enough distinct (colour, kind) pairs for max_shapes")
+        unknown = set(self.colours) - set(COLOUR_RGB) | set(self.kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown colours/kinds: {sorted(unknown)}")
+        if len(self.colours) < 2 or len(self.kinds) < 2:
+            raise ValueError("need at least two colours and two kinds")
+        if self.samples_per_shard < 1 or min(self.n_pretrain, self.n_instruct, self.n_val, self.n_val_qa) < 0:
+            raise ValueError("counts must be >= 0 and samples_per_shard >= 1")
+        if self.max_rounds < 1:
+            raise ValueError("max_rounds must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists), the form stored in world.json."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShapesWorldConfig:
+        """Inverse of `to_dict`; unknown keys are an error so stale files are noticed."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        extra = set(data) - fields
+        if extra:
+            raise ValueError(f"unknown config keys: {sorted(extra)}")
+
+        def _tuples(value: Any) -> Any:
+            return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+        return cls(**{k: _tuples(v) for k, v in data.items()})
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Schema of ``data:``."""
+
+    root: str = "data/shapes"
+    #: Generate the synthetic shapes world into ``root`` when it is missing (None: real data, never generate).
+    shapes: ShapesWorldConfig | None = None
+    num_workers: int = 1
+    #: Samples are shuffled in blocks of this many within each rank/worker slice of an epoch.
+    shuffle_buffer: int = 1000
+    #: Append the sample keys of every consumed batch to runs/<run>/samples/<stage>/rank<r>.jsonl.
+    record_samples: bool = False
+    #: Decode JPEGs whose shorter side is at least twice this at 1/2, 1/4 or 1/8 scale (shorter side kept
+    #: >= this): several times faster for large photos (SAM, ShareGPT4V). None: full size, which gives
+    #: exactly LLaVA's pixels. Twice the encoder's input size keeps the final resize's quality.
+    decode_min_side: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.decode_min_side is not None and self.decode_min_side < 1:
+            raise ValueError(
+                f"decode_min_side must be a positive pixel count or null, got {self.decode_min_side}"
+            )

@@ -1,0 +1,134 @@
+"""The schema of the ``encoder:`` config section: one dataclass per encoder, standard library only.
+
+The config loader picks the dataclass by the section's ``name`` from ``ENCODER_CONFIGS`` without importing
+any encoder implementation (torch, diffusers, open_clip), so a config is checked in milliseconds. Each
+implementation imports its dataclass from here and declares it as its ``Config``; ``encoders.registry``
+keeps the two registries in step. Choice fields are ``Literal`` types, which the loader enforces;
+``__post_init__`` checks ranges and raises ``ValueError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, get_args
+
+#: How an image is fitted to the encoder's square. ``crop``: resize the short side, centre-crop (LLaVA
+#: pretraining). ``pad``: pad to a square with the mean colour, then resize (LLaVA-1.5 instruction
+#: tuning). ``resize``: squash to a square.
+Aspect = Literal["crop", "pad", "resize"]
+ASPECT_MODES: tuple[str, ...] = get_args(Aspect)
+
+NoiseMode = Literal["auto", "stochastic", "fixed"]
+SchedulerName = Literal["ddpm", "ddim"]
+#: How the diffusion encoder resizes its SD input to the CLIP tower's size for the implicit captioner.
+#: ``bicubic``: antialiased bicubic, close to CLIP's own transform of the original image (models trained
+#: here). ``bilinear``: no antialiasing, as the released DiffLMM's ``sd_to_clip_img`` does.
+ClipResize = Literal["bicubic", "bilinear"]
+
+
+def _positive(owner: object, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+@dataclasses.dataclass
+class ClipEncoderConfig:
+    """Schema of ``encoder:`` when ``name: clip``. Size fields left at None keep the named architecture's."""
+
+    name: str = "clip"
+    #: open_clip architecture name (``ViT-L-14-336``), or ``hf`` to load ``weights`` as a CLIPVisionModel folder.
+    model: str = "ViT-L-14-336"
+    #: Local weight file (open_clip/OpenAI) or HF folder; None = random initialisation from ``init_seed``.
+    weights: str | None = None
+    select_layer: int = -2
+    quick_gelu: bool = True  # OpenAI's CLIP was trained with QuickGELU; open_clip's LAION weights use GELU
+    image_size: int | None = None
+    patch_size: int | None = None
+    width: int | None = None
+    layers: int | None = None
+    head_width: int | None = None
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "image_size", "patch_size", "width", "layers", "head_width")
+        if self.image_size is not None and self.patch_size is not None and self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.width is not None and self.head_width is not None and self.width % self.head_width:
+            raise ValueError(f"width {self.width} is not a multiple of head_width {self.head_width}")
+
+
+@dataclasses.dataclass
+class DiffusionEncoderConfig:
+    """Schema of ``encoder:`` when ``name: diffusion``.
+
+    ``sd_path`` names a local diffusers folder in the SD layout; without it the VAE, U-Net and scheduler
+    are SD-1.5's architecture updated by ``vae_config`` / ``unet_config`` / ``scheduler_config`` (any
+    constructor argument of the diffusers class) and randomly initialised from ``init_seed``. ``clip`` is
+    the frozen CLIP encoder whose patch tokens feed the captioner; its grid must equal the feature grid.
+    """
+
+    name: str = "diffusion"
+    #: Local Stable-Diffusion folder with unet/, vae/ and scheduler/ subfolders; None = random init.
+    sd_path: str | None = None
+    #: Weight-file variant to load from sd_path (e.g. ``fp16`` for diffusion_pytorch_model.fp16.safetensors).
+    variant: str | None = None
+    #: Scheduler class used for ``add_noise`` (only the noise schedule of scheduler/ matters).
+    scheduler: SchedulerName = "ddpm"
+    #: Side of the square input image in pixels (the SD input, in [-1, 1]).
+    image_size: int = 384
+    #: Diffusion timestep of the one noising step.
+    timestep: int = 100
+    #: Index of the U-Net up block whose output is the feature map; the U-Net is not run past it.
+    up_block: int = 1
+    #: auto (stochastic while training, fixed in eval) | stochastic | fixed.
+    noise: NoiseMode = "auto"
+    #: Seed of the fixed noise map (``fixed`` mode); it is rebuilt from here, never checkpointed.
+    noise_seed: int = 0
+    #: Seed of the random initialisation (frozen SD parts when sd_path is None, and the captioner).
+    init_seed: int = 0
+    #: Resampling of the SD input to the CLIP tower's size for the captioner (see ``ClipResize``).
+    clip_resize: ClipResize = "bicubic"
+    unet_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    vae_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    scheduler_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    clip: ClipEncoderConfig = dataclasses.field(default_factory=ClipEncoderConfig)
+
+    def __post_init__(self) -> None:
+        _positive(self, "image_size")
+        if self.timestep < 0:
+            raise ValueError(f"timestep must be >= 0, got {self.timestep}")
+        if self.up_block < 0:
+            raise ValueError(f"up_block must be >= 0, got {self.up_block}")
+
+
+@dataclasses.dataclass
+class FusedEncoderConfig(DiffusionEncoderConfig):
+    """Schema of ``encoder:`` when ``name: fused``: the diffusion encoder's fields plus ``dm_dim``."""
+
+    name: str = "fused"
+    #: Width the diffusion features are reduced to before the concatenation; DiffLMM: LLM width / 4.
+    dm_dim: int = 1024
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "dm_dim")
+
+
+#: Registry name -> schema of the built-in encoders (``encoders.registry.register_encoder`` adds others).
+ENCODER_CONFIGS: dict[str, type] = {
+    "clip": ClipEncoderConfig,
+    "diffusion": DiffusionEncoderConfig,
+    "fused": FusedEncoderConfig,
+}
+
+
+def encoder_config_class(name: str) -> type:
+    """The schema dataclass of encoder ``name``, with a one-line error listing the known names."""
+    try:
+        return ENCODER_CONFIGS[name]
+    except KeyError:
+        raise ValueError(f"unknown encoder {name!r}; expected one of {sorted(ENCODER_CONFIGS)}") from None

