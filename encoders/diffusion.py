@@ -11,7 +11,8 @@ VAE, U-Net and scheduler come from a local folder in the Stable-Diffusion layout
 ``scheduler/``) or, without one, are built at random from SD-1.5's architecture with config overrides (the
 tiny test and default models). Noise: ``stochastic`` samples the VAE posterior and fresh noise on every
 call (the reference implementation), ``fixed`` uses the posterior mean and a noise map generated from
-``noise_seed``, and ``auto`` (default) is stochastic while training and fixed in eval mode.
+``noise_seed``, and ``auto`` (default) is stochastic while training and fixed in eval mode. ``pixel_norm:
+clip`` normalises the input with CLIP's mean/std instead of [-1, 1], as the released DiffLMM was trained.
 """
 
 from __future__ import annotations
@@ -27,12 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from encoders.base import VisualEncoder, register_encoder, seeded_init
+from encoders.base import CLIP_MEAN, CLIP_STD, VisualEncoder, register_encoder, seeded_init
 from encoders.clip import ClipEncoder, ClipEncoderConfig
 
 log = logging.getLogger(__name__)
 
 NOISE_MODES = ("auto", "stochastic", "fixed")
+#: Pixel normalisation of the encoder's input (what the VAE sees): ``sd`` = Stable Diffusion's [-1, 1]
+#: (mean/std 0.5, padding colour 127); ``clip`` = CLIP's mean/std (padding colour 122, 116, 104), what
+#: DiffLMM's released weights were trained on (its SD tower passed mean=/std= to CLIPImageProcessor, which
+#: ignores those keywords and keeps CLIP's).
+PIXEL_NORMS = ("sd", "clip")
 SCHEDULERS = ("ddpm", "ddim")
 #: The Stable-Diffusion components the encoder needs, as subfolders of ``sd_path``.
 SD_COMPONENTS = ("unet", "vae", "scheduler")
@@ -114,6 +120,10 @@ class DiffusionEncoderConfig:
     up_block: int = 1
     #: auto (stochastic while training, fixed in eval) | stochastic | fixed.
     noise: str = "auto"
+    #: Input normalisation (PIXEL_NORMS): sd (default, for models trained here) | clip (released DiffLMM).
+    #: The VAE encodes the transformed image as is; the CLIP branch always maps it back with x * 0.5 + 0.5
+    #: before CLIP's normalisation, as the release's sd_to_clip_img does (under clip: what DiffLMM saw).
+    pixel_norm: str = "sd"
     #: Seed of the fixed noise map (``fixed`` mode); it is rebuilt from here, never checkpointed.
     noise_seed: int = 0
     #: Seed of the random initialisation (frozen SD parts when sd_path is None, and the captioner).
@@ -151,6 +161,8 @@ class DiffusionEncoder(VisualEncoder):
         self.noise = config.noise
         if config.scheduler not in SCHEDULERS:
             raise ValueError(f"encoder.scheduler {config.scheduler!r} is not one of {SCHEDULERS}")
+        if config.pixel_norm not in PIXEL_NORMS:
+            raise ValueError(f"encoder.pixel_norm {config.pixel_norm!r} is not one of {PIXEL_NORMS}")
         self.config = config
         if config.sd_path is not None:
             self.vae, self.unet, self.scheduler = _load_sd_folder(config)
@@ -209,11 +221,11 @@ class DiffusionEncoder(VisualEncoder):
 
     @property
     def image_mean(self) -> tuple[float, float, float]:
-        return (0.5, 0.5, 0.5)
+        return CLIP_MEAN if self.config.pixel_norm == "clip" else (0.5, 0.5, 0.5)
 
     @property
     def image_std(self) -> tuple[float, float, float]:
-        return (0.5, 0.5, 0.5)
+        return CLIP_STD if self.config.pixel_norm == "clip" else (0.5, 0.5, 0.5)
 
     @property
     def noise(self) -> str:

@@ -448,6 +448,7 @@ def _difflmm_encoder_config(
         timestep=int(field("mm_vision_sd_timestep")),
         up_block=int(field("mm_vision_select_layer")),
         dm_dim=hidden // 4,
+        pixel_norm="clip",  # the SD tower's CLIPImageProcessor ignores its mean=/std= keywords: CLIP's stay
         clip=ClipEncoderConfig(model="hf", weights=str(clip), select_layer=-2),  # hidden_states[-2][:, 1:]
     )
 
