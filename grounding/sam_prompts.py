@@ -157,7 +157,9 @@ class PromptedSam:
                 multimask_output=True,
             )
         else:
-            logits = sam_mask_logits(stacked, self.attn_temp)[:, None].to(device)
+            # SAM's low-res mask grid: 256 x 256 for the released models (4x their image-embedding grid).
+            edge = int(predictor.model.prompt_encoder.mask_input_size[0])
+            logits = sam_mask_logits(stacked, self.attn_temp, edge=edge)[:, None].to(device)
             boxes = predictor.transform.apply_boxes(sam_boxes(stacked, self.attn_temp, self.box_thresh), size)
             masks, scores, _ = predictor.predict_torch(
                 point_coords=None,
