@@ -45,6 +45,7 @@ __all__ = [
     "PNGNarrative",
     "PNGSegment",
     "PanopticImage",
+    "gt_masks",
     "load_png_narratives",
     "locate_png",
     "panoptic_id_to_rgb",
