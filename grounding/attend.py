@@ -23,7 +23,14 @@ from grounding.coco_io import GCGPrediction, mask_to_rle, write_gcg_prediction
 from grounding.config import AttendConfig
 from grounding.phrases import default_spacy_model, group_phrases, response_token_offsets
 from grounding.protocol import GroundableModel
-from grounding.segment import Refiner, argmax_point, build_refiner, normalize_maps, upsample_map
+from grounding.segment import (
+    Refiner,
+    argmax_point,
+    build_refiner,
+    normalize_response_maps,
+    rows_including_stop,
+    upsample_map,
+)
 
 
 @dataclasses.dataclass
@@ -97,9 +104,9 @@ class AttendAndSegment:
 
     def _ground(self, image: Image.Image, ids: list[int], maps: torch.Tensor) -> GroundedResponse:
         tokenizer = self.model.tokenizer
-        stops = [i for i, t in enumerate(ids) if t in self.model.stop_token_ids]
-        if stops:
-            ids = ids[: stops[0]]
+        # The step that produced the stop token has a row in the mean map (the reference's), never in a phrase.
+        n_tokens, n_rows = rows_including_stop(ids, self.model.stop_token_ids)
+        ids = ids[:n_tokens]
         h, w = self.model.grid
         token_maps = maps[: len(ids)].reshape(len(ids), h, w)
         text, offsets = response_token_offsets(tokenizer, ids)
@@ -108,13 +115,9 @@ class AttendAndSegment:
         offsets = [(max(s - stripped, 0), max(e - stripped, 0)) for s, e in offsets]
         if not ids or not text:
             return GroundedResponse(text, [], [], [], [], token_maps)
+        normalised = normalize_response_maps(maps[:n_rows].reshape(n_rows, h, w), n_tokens)
         phrases = group_phrases(
-            text,
-            offsets,
-            normalize_maps(token_maps),
-            self.config.combine,
-            self.spacy_model,
-            self.config.phrase_tokens,
+            text, offsets, normalised, self.config.combine, self.spacy_model, self.config.phrase_tokens
         )
         size = (image.height, image.width)
         upsampled = [upsample_map(p.map, size, self.model.aspect) for p in phrases]
