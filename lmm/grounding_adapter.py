@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from PIL import Image
 from torch import Tensor, nn
 
+from grounding.layout import single_block_layout
 from grounding.protocol import PreparedBatch
 from lmm.model import LMM
 from lmm.templates import get_template
@@ -39,9 +40,12 @@ class LMMGrounding:
         pixels = [self.transform(image) for image in images]
         prompts = [self.template.prompt(q, has_image=True) for q in questions]
         batch = self.model.prepare_prompts(prompts, pixels)
-        return PreparedBatch(
-            inputs=batch, image_spans=[span for span in batch.image_spans if span is not None]
-        )
+        spans = [span for span in batch.image_spans if span is not None]
+        layouts = [
+            single_block_layout(range(*span), self.grid, (image.height, image.width), self.aspect)
+            for span, image in zip(spans, images, strict=True)
+        ]
+        return PreparedBatch(inputs=batch, layouts=layouts)
 
     def generate(self, batch: PreparedBatch, max_new_tokens: int) -> Tensor:
         return self.model.generate_from(

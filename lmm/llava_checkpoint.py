@@ -42,6 +42,7 @@ from torchvision.transforms import functional as TF
 from encoders.base import pad_to_square
 from encoders.clip import ClipEncoderConfig
 from encoders.fused import FusedEncoderConfig
+from grounding.layout import single_block_layout
 from grounding.protocol import PreparedBatch
 from lmm.llm import LLMBackbone, LLMConfig
 from lmm.model import LMM, PromptBatch, StageConfig
@@ -747,7 +748,11 @@ class LlavaGrounding:
         dtype = next(self.model.projector.parameters()).dtype
         pixels = torch.stack([self.transform(image) for image in images]).to(device=device, dtype=dtype)
         batch = PromptBatch(input_ids.to(device), attention_mask.to(device), list(spans), pixels)
-        return PreparedBatch(inputs=batch, image_spans=spans)
+        layouts = [
+            single_block_layout(range(*span), self.grid, (image.height, image.width), self.aspect)
+            for span, image in zip(spans, images, strict=True)
+        ]
+        return PreparedBatch(inputs=batch, layouts=layouts)
 
     def generate(self, batch: PreparedBatch, max_new_tokens: int) -> Tensor:
         return self.model.generate_from(
