@@ -361,10 +361,14 @@ class AttentionCapture:
         if is_view:
             image = head_mean[..., self._shared_start : self._shared_start + self._n_image]
         else:
-            index = self._image_index(head_mean.device) - key_offset
-            inside = index >= 0  # keys that left a sliding window: exactly zero attention
-            gathered = head_mean.gather(-1, index.clamp(min=0)[:, None, :].expand(batch, rows, self._n_image))
-            image = gathered if key_offset == 0 else gathered * inside[:, None, :]
+            index = self._image_index(head_mean.device)
+            if key_offset == 0:
+                image = head_mean.gather(-1, index[:, None, :].expand(batch, rows, self._n_image))
+            else:
+                index = index - key_offset
+                inside = index >= 0  # keys that left a sliding window: exactly zero attention
+                shifted = index.clamp(min=0)[:, None, :].expand(batch, rows, self._n_image)
+                image = head_mean.gather(-1, shifted) * inside[:, None, :]
         if self._acc is None:
             # A slice would keep the whole (batch, rows, keys) tensor alive: copy it.
             self._acc = image.clone() if is_view else image

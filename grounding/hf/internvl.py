@@ -32,6 +32,13 @@ __all__ = ["HFInternVL", "load"]
 BLOCKS = ("tile", "thumbnail")
 
 
+def _check_options(blocks: str, min_patches: int, max_patches: int) -> None:
+    if blocks not in BLOCKS:
+        raise ValueError(f"blocks {blocks!r} is not one of {BLOCKS}")
+    if not 1 <= min_patches <= max_patches:
+        raise ValueError(f"need 1 <= min_patches <= max_patches, got {min_patches} and {max_patches}")
+
+
 class HFInternVL(HFGroundable):
     """InternVL (see the module docstring). Options: ``blocks``, ``min_patches``, ``max_patches``."""
 
@@ -48,10 +55,7 @@ class HFInternVL(HFGroundable):
         max_patches: int = 9,
         settings: Mapping[str, Any] | None = None,
     ) -> None:
-        if blocks not in BLOCKS:
-            raise ValueError(f"blocks {blocks!r} is not one of {BLOCKS}")
-        if not 1 <= min_patches <= max_patches:
-            raise ValueError(f"need 1 <= min_patches <= max_patches, got {min_patches} and {max_patches}")
+        _check_options(blocks, min_patches, max_patches)
         super().__init__(
             model,
             processor,
@@ -123,6 +127,7 @@ def load(
     and ``max_patches``, the tile count range (default 3 to 9, the reference's)."""
     weights = Path(weights)
     read_model_type(weights, ["internvl"])
+    _check_options(blocks, min_patches, max_patches)
     model, processor = load_pretrained(
         "InternVLForConditionalGeneration",
         weights,

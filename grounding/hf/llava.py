@@ -39,6 +39,11 @@ def vicuna_v1_prompt(question: str, image_token: str = "<image>") -> str:
     return f"{VICUNA_V1_SYSTEM} USER: {image_token}\n{question.strip()} ASSISTANT:"
 
 
+def _check_aspect(aspect: str) -> None:
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect {aspect!r} is not one of {ASPECTS}")
+
+
 class HFLlava(HFGroundable):
     """LLaVA-1.5 through transformers (see the module docstring). ``aspect``: ``pad`` (default) or ``crop``."""
 
@@ -53,8 +58,7 @@ class HFLlava(HFGroundable):
         aspect: str = "pad",
         settings: Mapping[str, Any] | None = None,
     ) -> None:
-        if aspect not in ASPECTS:
-            raise ValueError(f"aspect {aspect!r} is not one of {ASPECTS}")
+        _check_aspect(aspect)
         super().__init__(
             model, processor, prompt_format=prompt_format, settings={"aspect": aspect, **(settings or {})}
         )
@@ -109,6 +113,7 @@ def load(
             f"{weights}: this is LLaVA's original layout (mm_vision_tower in config.json); load it as llava-1.5"
         )
     read_model_type(weights, ["llava"])
+    _check_aspect(aspect)
     model, processor = load_pretrained(
         "LlavaForConditionalGeneration",
         weights,

@@ -83,6 +83,11 @@ def highres_geometry(
     return (kept_rows, kept_cols), box
 
 
+def _check_blocks(blocks: str) -> None:
+    if blocks not in BLOCKS:
+        raise ValueError(f"blocks {blocks!r} is not one of {BLOCKS}")
+
+
 class HFLlavaNext(HFGroundable):
     """LLaVA-NeXT or LLaVA-OneVision at full resolution (see the module docstring).
 
@@ -101,8 +106,7 @@ class HFLlavaNext(HFGroundable):
         blocks: str = "highres",
         settings: Mapping[str, Any] | None = None,
     ) -> None:
-        if blocks not in BLOCKS:
-            raise ValueError(f"blocks {blocks!r} is not one of {BLOCKS}")
+        _check_blocks(blocks)
         super().__init__(
             model, processor, prompt_format=prompt_format, settings={"blocks": blocks, **(settings or {})}
         )
@@ -161,6 +165,7 @@ def load_llava_next(
     """A llava-hf LLaVA-NeXT folder. Options: ``blocks`` = ``highres`` (default) or ``base``."""
     weights = Path(weights)
     read_model_type(weights, ["llava_next"])
+    _check_blocks(blocks)
     model, processor = load_pretrained(
         "LlavaNextForConditionalGeneration",
         weights,
@@ -185,6 +190,7 @@ def load_llava_onevision(
     """A llava-hf LLaVA-OneVision folder. Options: ``blocks`` = ``highres`` (default) or ``base``."""
     weights = Path(weights)
     read_model_type(weights, ["llava_onevision"])
+    _check_blocks(blocks)
     model, processor = load_pretrained(
         "LlavaOnevisionForConditionalGeneration",
         weights,

@@ -87,6 +87,8 @@ def _load(
 ) -> HFQwenVL:
     weights = Path(weights)
     read_model_type(weights, [model_type])
+    if int(max_pixels) <= 0:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     prompt_format = common.pop("prompt_format")
     model, processor = load_pretrained(class_name, weights, **common)
     return HFQwenVL(

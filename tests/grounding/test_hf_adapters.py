@@ -163,6 +163,7 @@ def test_layouts_cover_exactly_the_image_tokens(adapter, batch):
 
 
 def test_grids_follow_the_processor_metadata(adapter, batch):
+    """The grid that is read, per sample, from the processor's metadata and transformers' own functions."""
     name = adapter.settings["model"]
     shrunk: list[bool] = []
     for b, layout in enumerate(batch.layouts):
@@ -193,6 +194,12 @@ def test_grids_follow_the_processor_metadata(adapter, batch):
             image = hf_tiny.images()[b]
             cols, rows = get_optimal_tiled_canvas((image.height, image.width), (56, 56), 3, 9)
             assert view.grid == (rows * 2, cols * 2)
+            assert layout.with_read("thumbnail").view().grid == (2, 2)
+        elif name == "hf-llava":
+            vision = adapter.model.config.vision_config
+            assert view.grid == (vision.image_size // vision.patch_size,) * 2
+        else:  # Gemma 3: mm_tokens_per_image pooled tokens, square
+            assert view.grid == (4, 4) and adapter.model.config.mm_tokens_per_image == 16
     if name == "hf-llava-onevision":  # anyres_max_4 shrinks the tall image's grid, not the wide one's
         assert shrunk == [False, True]
 
@@ -333,3 +340,44 @@ def test_grounded_generation_mixed_sizes_matches_batch_one(adapter):
         assert a.token_maps.shape[1:] == a.view.grid
         torch.testing.assert_close(a.token_maps, b.token_maps, rtol=1e-4, atol=1e-6)
         assert all(m.shape == (image.height, image.width) for m in a.masks)
+
+
+# -- the registry ----------------------------------------------------------------------------------------------
+
+
+def test_registry_options_and_errors_come_before_loading(tmp_path):
+    import json
+
+    assert registry.model_options_of("hf-internvl") == {"blocks": "tile", "min_patches": 3, "max_patches": 9}
+    assert registry.model_options_of("hf-qwen2.5-vl") == {"max_pixels": 1008 * 1008}
+    assert registry.model_options_of("hf-llava-next") == {"blocks": "highres"}
+    assert registry.model_options_of("hf-gemma3") == {}
+    with pytest.raises(ValueError, match="unknown model 'hf-foo'"):
+        registry.load("hf-foo", tmp_path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        registry.load("hf-internvl", tmp_path)
+    # Only a config.json: every check below must fail before any weights are looked for.
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl"}))
+    with pytest.raises(TypeError, match=r"hf-internvl has no option\(s\) \['max_pixels'\]"):
+        registry.load("hf-internvl", tmp_path, max_pixels=10)
+    with pytest.raises(ValueError, match="blocks 'base' is not one of"):
+        registry.load("hf-internvl", tmp_path, blocks="base")
+    with pytest.raises(ValueError, match="need 1 <= min_patches <= max_patches"):
+        registry.load("hf-internvl", tmp_path, min_patches=5, max_patches=4)
+    with pytest.raises(ValueError, match=r"model_type 'internvl' is not one of \['qwen2_5_vl'\]"):
+        registry.load("hf-qwen2.5-vl", tmp_path)
+
+
+def test_qwen_max_pixels_caps_the_grid(tmp_path):
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    folder = hf_tiny.write_qwen_vl(tmp_path / "qwen", "2.5")
+    cap = 28 * 28 * 8  # below the wide image's 150 x 84 pixels
+    model = registry.load("hf-qwen2.5-vl", folder, max_pixels=cap)
+    assert model.settings["max_pixels"] == cap
+    batch = model.prepare(hf_tiny.images()[:1], hf_tiny.QUESTIONS[:1])
+    height, width = smart_resize(
+        hf_tiny.H_WIDE, hf_tiny.W_WIDE, factor=28, min_pixels=28 * 28, max_pixels=cap
+    )
+    assert batch.layouts[0].view().grid == (height // 28, width // 28)
+    assert height * width <= cap < hf_tiny.H_WIDE * hf_tiny.W_WIDE
