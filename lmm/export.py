@@ -13,7 +13,9 @@ lmms-eval's ``llava_hf`` load it with no project code and compute the same logit
   the output head grow by the missing rows and the generation config suppresses those ids;
 - image processor: the aspect the model was trained with. ``pad`` is LLaVA's ``expand2square`` with
   ``int(255 * mean)`` then the resize (``LlavaImageProcessor``'s ``do_pad``), ``crop`` the short-side resize and
-  centre crop, ``resize`` the squash to a square; bicubic, antialiased, like ``encoders.base.ImageTransform``;
+  centre crop, ``resize`` the squash to a square; bicubic, antialiased, like ``encoders.base.ImageTransform``
+  (transformers' default torchvision back-end gives a run's pixels exactly; a released LLaVA-1.5 was trained
+  on PIL's resize: ``AutoProcessor.from_pretrained(folder, backend="pil")`` gives LLaVA's pixels exactly);
 - chat template: the run's template rendered in Jinja (``<image>\\n`` leads the user turn that has an image).
 
 The DiffLMM (diffusion / fused) encoders and projectors with positional embeddings or LLaVA-1's ``linear``

@@ -280,3 +280,44 @@ def test_cli_with_include_path_and_the_vqa_table(tiny_run, tiny_world, tmp_path)
     assert row.split("|")[2].strip() == f"{100 * ours['accuracy']:.1f}"
     results = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())
     assert results["results"]["shapes_qa"]["exact_match,none"] == pytest.approx(ours["accuracy"])
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_the_documents(tiny_run, tiny_world, tmp_path):
+    from importlib.metadata import entry_points
+
+    from lmm.lmms_eval_shapes_task import write_shapes_task
+    from lmm.qa_eval import evaluate_qa, load_questions
+
+    if not any(ep.name == "emergent_grounding" for ep in entry_points(group="lmms_eval.models")):
+        pytest.skip("the CLI finds the plugin through its entry point: pip install -e '.[eval]'")
+    write_shapes_task(tiny_world / "val_qa.json", tmp_path / "task", limit=6)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "LMMS_EVAL_DATASETS_CACHE": str(tmp_path / "datasets"),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        "-m", "lmms_eval", "--model", "emergent_grounding", "--model_args", f"run={tiny_run}",
+        "--tasks", "shapes_qa", "--include_path", str(tmp_path / "task"), "--batch_size", "2",
+        "--output_path", str(tmp_path / "out"), "--log_samples",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert "Running on rank 1" in log and "Postprocessed 3 docs" in log, "each of the two ranks answered half"
+
+    questions, _ = load_questions(tiny_world / "val_qa.json")
+    model, _ = load_run(tiny_run)
+    ours = evaluate_qa(
+        model, questions[:6], tiny_world, "vicuna_v1", "pad", max_new_tokens=12, progress=False
+    )
+    results = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())
+    assert results["results"]["shapes_qa"]["exact_match,none"] == pytest.approx(ours["accuracy"])
+    samples = [
+        json.loads(line) for line in next((tmp_path / "out").rglob("*_samples_shapes_qa.jsonl")).open()
+    ]
+    predictions = {s["doc_id"]: s["filtered_resps"] for s in samples}  # the file holds the filtered text
+    assert [predictions[i] for i in range(6)] == [r["prediction"] for r in ours["results"]]
