@@ -323,6 +323,16 @@ def _stop_ids(template: Template, tokenizer: Any) -> list[int]:
 # --------------------------------------------------------------------------------------------------- CLI
 
 
+def _run_encoder_name(run: Path) -> str | None:
+    """``encoder.name`` of a run's config.yaml, read without building anything."""
+    from omegaconf import OmegaConf
+
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        raise SystemExit(f"--run {run} is not a run directory (no config.yaml)")
+    return OmegaConf.load(path).get("encoder", {}).get("name")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from lmm.model_source import DTYPES, load_model_source
 
@@ -342,6 +352,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"--out {args.out} exists and is not empty")
+    if args.run is not None:
+        encoder = _run_encoder_name(args.run)
+        if encoder != "clip":  # refuse before the model is built
+            print(
+                f"cannot export run {args.run}: encoder {encoder!r} has no LlavaForConditionalGeneration equivalent"
+            )
+            return 2
     loaded = load_model_source(
         run=args.run, llava15=args.llava15, clip=args.clip, dtype=args.dtype or "float32"
     )

@@ -140,7 +140,7 @@ def test_lora_is_merged_before_export(tiny_run, tmp_path):
         assert relative_error(hf(**inputs).logits, with_adapters) < 1e-5
 
 
-def test_what_llava_cannot_represent_is_refused(tiny_world, tmp_path):
+def test_what_llava_cannot_represent_is_refused(tiny_world, tmp_path, capsys):
     from encoders.base import encoder_class
     from lmm.llm import LLMConfig
     from lmm.model import LMM
@@ -163,6 +163,13 @@ def test_what_llava_cannot_represent_is_refused(tiny_world, tmp_path):
     clip_model = LMM(fused.clip, ProjectorConfig(name="linear"), llm)
     with pytest.raises(ExportError, match="not mlp2x_gelu"):
         export_llava_hf(clip_model, tmp_path / "linear", template="vicuna_v1", aspect="pad")
+    # The command refuses a fused run from its config, before building the model.
+    run = tmp_path / "runs" / "fused"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml({"encoder": {"name": "fused"}}))
+    assert main(["hf", "--run", str(run), "--out", str(tmp_path / "fused-out")]) == 2
+    assert "encoder 'fused' has no LlavaForConditionalGeneration equivalent" in capsys.readouterr().out
+    assert not (tmp_path / "fused-out").exists()
 
 
 def test_llava_hf_folder_loads_back_as_initial_weights(exported, tiny_run, tmp_path):

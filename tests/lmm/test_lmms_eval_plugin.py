@@ -160,6 +160,43 @@ def test_middle_frame_policy_takes_the_middle_image(tiny_run, plugin):
     assert got == [own_answer(middle.model, {"image": docs[1]["image"], "q": "Which one?"}, 3)]
 
 
+@pytest.mark.slow
+def test_released_checkpoints_answer_as_the_reference_runs_them(tmp_path):
+    # The release builders of test_llava_checkpoint write the real on-disk layouts (tiny shapes).
+    from test_llava_checkpoint import QUESTION, images, write_difflmm
+
+    from lmm.llava_checkpoint import LlavaGrounding, load_difflmm, load_llava15, write_random_llava15
+
+    weights, clip = write_random_llava15(tmp_path / "llava", "tiny", dtype=torch.float32)
+    d = write_difflmm(tmp_path / "difflmm")
+    sources = [
+        ({"llava15": str(weights), "clip": str(clip)}, lambda: load_llava15(weights, clip)),
+        (
+            {
+                "difflmm": str(d["run"]),
+                "base": str(d["base"]),
+                "sd": str(d["sd"]),
+                "clip": str(d["clip"]),
+                "noise": "fixed",
+            },
+            lambda: load_difflmm(d["run"], d["base"], d["sd"], d["clip"], noise="fixed"),
+        ),
+    ]
+    pictures = images()
+    for model_args, load in sources:
+        plugin = EmergentGrounding(**model_args, device="cpu", batch_size=2)
+        plugin.task_dict = {TASK: {SPLIT: [{"image": p, "q": QUESTION} for p in pictures]}}
+        got = plugin.generate_until(
+            [request("generate_until", i, QUESTION, {"max_new_tokens": 4}) for i in range(2)]
+        )
+        reference = LlavaGrounding(load())
+        expected = [
+            reference.model.decode(reference.generate(reference.prepare([p], [QUESTION]), 4))[0]
+            for p in pictures
+        ]
+        assert got == expected, model_args
+
+
 def test_the_entry_point_names_the_plugin():
     from importlib.metadata import entry_points
 
