@@ -76,8 +76,7 @@ class EmergentGrounding(lmms):
         device: str | None = None,
         dtype: str = "auto",
         batch_size: int | str = 1,
-        max_batch_size: int
-        | None = None,  # passed by lmms-eval's CLI; automatic batch sizes are not supported
+        max_batch_size: int | None = None,  # lmms-eval passes it; automatic batch sizes are not supported
         max_new_tokens: int = 1024,
         template: str | None = None,
         aspect: str | None = None,
