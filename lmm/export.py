@@ -282,6 +282,8 @@ def export_llava_hf(
             f"weights do not fit LlavaForConditionalGeneration (missing {missing[:3]}, extra {extra[:3]})"
         )
     hf.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        hf.tie_weights()  # the head shares the (assigned) input embeddings
 
     stop = sorted({tokenizer.eos_token_id, *_stop_ids(chat, tokenizer)})
     hf.generation_config = GenerationConfig(
