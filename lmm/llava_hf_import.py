@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from encoders.config import ClipEncoderConfig
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: Written last into ``unpack_dir``: which folder was unpacked there (a rerun with the same source reuses it).
 UNPACKED_MARKER = "unpacked_from.json"
+#: The projector's weights, beside the unpacked folders (``Projector`` keys).
+PROJECTOR_FILE = "projector.safetensors"
 
 
 class LlavaHfError(ValueError):
@@ -161,6 +164,7 @@ def load_llava_hf_into_lmm(folder: str | Path, unpack_dir: str | Path) -> LlavaH
         causal.generation_config = llava.generation_config
         causal.save_pretrained(llm_dir)
         processor.tokenizer.save_pretrained(llm_dir)
+        save_file(projector_state, str(unpack_dir / PROJECTOR_FILE))
         (unpack_dir / UNPACKED_MARKER).write_text(
             json.dumps({"source": str(folder.resolve())}), encoding="utf-8"
         )

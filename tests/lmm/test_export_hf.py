@@ -236,3 +236,35 @@ def test_released_llava15_exports_with_its_image_token_added(tmp_path):
             batch = PromptBatch(inputs["input_ids"], inputs["attention_mask"], [], inputs["pixel_values"])
             our_tokens = model.generate_from(batch, max_new_tokens=20, min_new_tokens=20)
         assert hf_tokens.tolist() == our_tokens.tolist()
+
+
+def test_training_starts_from_a_llava_hf_folder_named_by_the_config(exported, tiny_run, tiny_world, tmp_path):
+    """``init.llava_hf``: train.py unpacks the folder into the run, its config names the unpacked weights, and
+    the model it trains starts from them (a learning rate of 1e-12 leaves them as they were)."""
+    from conftest import tiny_overrides
+
+    import train
+    from lmm.config_loading import load_config
+
+    args = tiny_overrides(tiny_world, tmp_path / "runs", run_name="from-hf", steps=(1, 1)) + [
+        f"init.llava_hf={exported}",
+        "run_stages=[instruct]",
+        "stages.instruct.lr=1e-12",
+        "grounding.enabled=false",
+        "qa_eval.questions=null",
+    ]
+    assert train.main(args) == 0
+    run = tmp_path / "runs" / "from-hf"
+    saved = load_config([str(run / "config.yaml")], [])
+    assert saved.encoder.model == "hf" and saved.encoder.weights == str(run / "init" / "clip")
+    assert saved.llm.path == str(run / "init" / "llm") and saved.init.llava_hf == str(exported)
+    started, _ = load_run(run)
+    model, _ = load_run(tiny_run)
+    runner, started_runner = ChatRunner(model), ChatRunner(started)
+    image = pictures()[0]
+    ours = runner.batch([runner.prompt(QUESTION, True)], [image])
+    theirs = started_runner.batch([started_runner.prompt(QUESTION, True)], [image])
+    with torch.no_grad():
+        expected = model(ours.input_ids, ours.attention_mask, ours.images).logits
+        got = started(theirs.input_ids, theirs.attention_mask, theirs.images).logits
+    assert relative_error(got, expected) < 1e-5
