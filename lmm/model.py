@@ -24,7 +24,7 @@ from encoders.base import VisualEncoder
 from encoders.registry import build_encoder
 from grounding.batching import left_pad
 from lmm.batch import IGNORE_INDEX, PackedImages, TrainBatch
-from lmm.checkpoint_io import check_checkpoint_keys
+from lmm.checkpoint_io import check_checkpoint_keys, unwrapped_name
 from lmm.config import LLMConfig, ProjectorConfig, StageConfig
 from lmm.llm import LLMBackbone
 from lmm.preprocess import SampleEncoder
@@ -173,7 +173,20 @@ class LMM(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ checkpoints
     def trainable_keys(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
+        """State-dict names of the trainable parameters (FSDP's wrapper names taken out)."""
+        return {unwrapped_name(name) for name, p in self.named_parameters() if p.requires_grad}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: Any,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        from lmm.strategies import clip_sharded_gradients
+
+        if gradient_clip_val and clip_sharded_gradients(self.trainer.strategy, gradient_clip_val):
+            return  # FSDP: the root module clips over every rank's shards
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_keys()
