@@ -67,12 +67,14 @@ def unwrapped_name(name: str) -> str:
     return name
 
 
-def check_checkpoint_keys(model: nn.Module, state_dict: dict[str, Tensor], stage: str | None) -> None:
+def check_checkpoint_keys(
+    model: nn.Module, state_dict: dict[str, Tensor], stage: str | None, check_shapes: bool = True
+) -> None:
     """One-line errors for a checkpoint that does not fit the model as configured for its stage: every key
-    must be a parameter of the model, every trainable parameter must be there, and shapes must agree (not
-    checked on a model wrapped by FSDP, whose parameters are local shards; FSDP compares full shapes)."""
+    must be a parameter of the model, every trainable parameter must be there, and shapes must agree
+    (``check_shapes=False`` for a model sharded by FSDP, whose parameters are local shards: FSDP compares the
+    full shapes when it loads)."""
     own = {unwrapped_name(name): p for name, p in model.named_parameters()}
-    sharded = any(name != unwrapped_name(name) for name, _ in model.named_parameters())
     foreign = sorted(k for k in state_dict if k not in own)
     if foreign:
         raise ValueError(
@@ -85,7 +87,7 @@ def check_checkpoint_keys(model: nn.Module, state_dict: dict[str, Tensor], stage
             f"checkpoint (stage {stage}) lacks {len(missing)} trainable weights, e.g. {missing[0]!r}"
         )
     for k, v in state_dict.items():
-        if not sharded and own[k].shape != v.shape:
+        if check_shapes and own[k].shape != v.shape:
             raise ValueError(
                 f"checkpoint key {k!r} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}"
             )

@@ -113,7 +113,11 @@ class LMM(L.LightningModule):
         labels: Tensor | None = None,
     ) -> Any:
         embeds = self.embed_inputs(input_ids, images)
-        return self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        # No key/value cache in a training pass: activation checkpointing reruns each decoder layer in the
+        # backward pass, and a cache would take that layer's keys twice.
+        return self.llm.model(
+            inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False
+        )
 
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         images = None if batch.images is None else self.encoder_pixels(batch.images)
@@ -195,7 +199,11 @@ class LMM(L.LightningModule):
         checkpoint["lmm"] = {"stage": self.stage_name, "config": config}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_checkpoint_keys(self, checkpoint["state_dict"], checkpoint.get("lmm", {}).get("stage"))
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        sharded = self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)
+        stage = checkpoint.get("lmm", {}).get("stage")
+        check_checkpoint_keys(self, checkpoint["state_dict"], stage, check_shapes=not sharded)
 
     def sample_encoder(self, stage: StageConfig) -> SampleEncoder:
         """The per-sample preprocessing of a stage: its template and max length, this model's tokenizer and

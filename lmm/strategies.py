@@ -12,6 +12,7 @@ device), which the tests use. Every other name goes to Lightning unchanged.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from torch import nn
 
 from lmm.checkpoint_io import read_checkpoint
 from lmm.config import FSDPConfig, TrainerConfig
+
+log = logging.getLogger(__name__)
 
 
 def build_strategy(trainer: TrainerConfig, model: nn.Module) -> str | Strategy:
@@ -67,7 +70,8 @@ def clip_sharded_gradients(strategy: Strategy, max_norm: float) -> bool:
 
 
 class LMMFSDPStrategy(FSDPStrategy):
-    """Lightning's FSDP strategy, with checkpoints read safely and CPU processes allowed."""
+    """Lightning's FSDP strategy (full-state-dict checkpoints), with checkpoints read safely and CPU processes
+    allowed."""
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         if self.root_device.type != "cpu":
@@ -88,6 +92,57 @@ class LMMFSDPStrategy(FSDPStrategy):
         _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
         return model
 
+    def setup(self, trainer: Any) -> None:
+        super().setup(trainer)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        assert self.model is not None
+        units = sum(isinstance(m, FullyShardedDataParallel) for m in self.model.modules())
+        checkpointed = sum(type(m).__name__ == "CheckpointWrapper" for m in self.model.modules())
+        log.info(
+            "FSDP: %d units (%s), %d activation-checkpointed layers, rank %d of %d",
+            units,
+            self.sharding_strategy.name.lower(),
+            checkpointed,
+            self.global_rank,
+            self.world_size,
+        )
+
+    def _full_state_dict_context(self, rank0_only: bool = True) -> Any:
+        """FSDP's full-state-dict mode. Gathered states are offloaded to the CPU, except on CPU processes: there
+        FSDP's offload is a no-op ``.cpu()`` where it would otherwise clone, which leaves every gathered optimizer
+        state of a parameter (``exp_avg``, ``exp_avg_sq``) aliased to one reused buffer (torch 2.14)."""
+        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        offload = self.root_device.type != "cpu"
+        return FSDP.state_dict_type(
+            self.model,
+            StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+            FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+        )
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        assert self.model is not None
+        with self._full_state_dict_context():
+            return self.model.state_dict()
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """The whole optimizer state on rank 0, keyed by parameter id (Lightning's format for full checkpoints)."""
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import OptimStateKeyType
+
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        assert self.model is not None
+        with self._full_state_dict_context():
+            state = FSDP.optim_state_dict(self.model, optimizer)
+            if self.global_rank == 0:
+                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+            return state
+
     def load_checkpoint(
         self, checkpoint_path: str | Path, weights_only: bool | None = None
     ) -> dict[str, Any]:
@@ -101,8 +156,8 @@ class LMMFSDPStrategy(FSDPStrategy):
             return super().load_checkpoint(checkpoint_path, weights_only)
         assert self.model is not None and self.lightning_module is not None
         checkpoint = read_checkpoint(path)
-        _load_raw_module_state(
-            checkpoint.pop("state_dict"),
+        _load_raw_module_state(  # the state dict stays in the checkpoint: LMM.on_load_checkpoint checks its keys
+            checkpoint["state_dict"],
             module=self.model,
             world_size=self.world_size,
             strict=self.lightning_module.strict_loading,
@@ -114,9 +169,7 @@ class LMMFSDPStrategy(FSDPStrategy):
             raise RuntimeError(
                 f"{path} holds {len(states)} optimizer states for {len(self.optimizers)} optimizers"
             )
-        from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
-
-        with _get_full_state_dict_context(self.model, world_size=self.world_size, rank0_only=False):
+        with self._full_state_dict_context(rank0_only=False):
             for optimizer, state in zip(self.optimizers, states, strict=True):
                 if state["state"] and isinstance(
                     next(iter(state["state"])), int
