@@ -162,6 +162,12 @@ class FSDPConfig:
     #: Keep the sharded parameters (and so the optimizer step) in CPU memory.
     cpu_offload: bool = False
 
+    def __post_init__(self) -> None:
+        _check(
+            not (self.sharding == "hybrid_shard" and self.auto_wrap == "none"),
+            "sharding hybrid_shard needs auto_wrap decoder_layers (FSDP shards within a node by unit)",
+        )
+
 
 @dataclasses.dataclass
 class TrainerConfig:

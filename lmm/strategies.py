@@ -50,7 +50,10 @@ def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
 
 
 def fsdp_strategy(config: FSDPConfig, model: nn.Module) -> LMMFSDPStrategy:
-    layers = decoder_layer_classes(model) if config.auto_wrap == "decoder_layers" else None
+    """Lightning's FSDP strategy as ``config`` says, the units being the decoder layers of ``model.llm`` (the
+    LMM's language model: other towers' blocks, such as the diffusion U-Net's, stay in the root unit)."""
+    llm = getattr(model, "llm", model)
+    layers = decoder_layer_classes(llm) if config.auto_wrap == "decoder_layers" else None
     return LMMFSDPStrategy(
         auto_wrap_policy=layers,
         activation_checkpointing_policy=layers if config.activation_checkpointing else None,

@@ -141,3 +141,36 @@ def test_two_rank_run_killed_mid_stage_resumes_to_the_uninterrupted_result(strat
         text = (killed / "train.log").read_text()
         for rank in range(2):
             assert f"FSDP: 3 units (full_shard), 2 activation-checkpointed layers, rank {rank} of 2" in text
+
+
+def test_fsdp_for_this_model_wraps_the_llms_decoder_layers_as_configured(tiny_world):
+    """``trainer.fsdp`` becomes Lightning's FSDPStrategy with the LLM's decoder layer class (from transformers'
+    ``_no_split_modules``) as the auto-wrap and activation-checkpointing policy, and the configured sharding."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import ShardingStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lmm.build import build_model
+    from lmm.config_loading import load_config
+    from lmm.strategies import build_strategy
+
+    shrink = ["llm.hidden_size=32", "llm.num_layers=2", "llm.num_heads=2", "llm.intermediate_size=64"]
+    base = [f"data.root={tiny_world}", "data.shapes=null", "grounding.enabled=false", *shrink]
+    config = load_config(None, [*base, "trainer.strategy=fsdp", "trainer.fsdp.activation_checkpointing=true"])
+    model = build_model(config)
+    strategy = build_strategy(config.trainer, model)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+    assert strategy.kwargs["use_orig_params"], "frozen and trainable weights share units"
+    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {
+        LlamaDecoderLayer
+    }
+    assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD and strategy._state_dict_type == "full"
+
+    plain = load_config(None, [*base, "trainer.strategy=fsdp", "trainer.fsdp.sharding=shard_grad_op"])
+    strategy = build_strategy(plain.trainer, model)
+    assert (
+        strategy.sharding_strategy == ShardingStrategy.SHARD_GRAD_OP
+        and not strategy._activation_checkpointing_kwargs
+    )
+    assert build_strategy(load_config(None, [*base, "trainer.strategy=ddp"]).trainer, model) == "ddp"
