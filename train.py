@@ -5,7 +5,10 @@ world if needed, then caption-pretrains and instruction-tunes a tiny LLaVA-style
 answers held-out questions about unseen images. Each stage in ``run_stages`` gets its own Lightning Trainer,
 TensorBoard logger and checkpoint folder under the fixed run directory ``runs/<run_name>/``. Rerunning the
 same command resumes: a finished stage is loaded and skipped, an unfinished one continues from its
-``last.ckpt``. The config is read and checked completely before anything is written or imported beyond it.
+``last.ckpt``. The config is read and checked completely before anything is written or imported beyond it:
+the schema checks every value, relative paths are made absolute (``lmm.run_paths``: the run directory then
+works from any folder), ``lmm.preflight`` checks what the paths point at, and ``lmm.run_binding`` refuses a
+rerun whose config would change what the run already trained. Each problem is one line; the exit status is 2.
 """
 
 from __future__ import annotations
@@ -63,10 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     requeue = RequeueSignal.install_if_slurm()  # first thing: SIGUSR1 kills a process without a handler
     from lmm.config_loading import ConfigError, load_config
+    from lmm.preflight import preflight
+    from lmm.run_binding import RunBindingError, check_run_binding, is_launch_rank_zero, record_invocation
+    from lmm.run_paths import resolve_config_paths
 
     try:
-        config = load_config(args.config, args.overrides)
+        config = resolve_config_paths(load_config(args.config, args.overrides), Path.cwd())
     except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    problems = preflight(config)
+    for problem in problems:
+        print(f"config error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    try:
+        binding = check_run_binding(config)
+    except RunBindingError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
@@ -75,14 +91,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from lmm.build import build_model, with_initial_weights
     from lmm.qa_eval import run_qa_eval
-    from lmm.run_dir import RunDir
+    from lmm.run_dir import RunDir, load_trained_stages
+    from lmm.run_summary import merge_stage_summaries, read_stage_summaries, write_summary
     from lmm.training import run_stage
 
     run = RunDir(config.run_dir)
+    rank_zero = is_launch_rank_zero()
     setup_logging(run.log_file)
     config = with_initial_weights(config, run.init_dir)
     run.write_config(config)
     log.info("run directory %s", run.path)
+    if rank_zero:
+        record_invocation(run, binding, sys.argv[1:] if argv is None else list(argv))
+    for key, (old, new) in binding.changed.items():
+        log.info("config changed since the last invocation: %s = %r (was %r)", key, new, old)
     torch.set_float32_matmul_precision("high")
     if config.trainer.num_threads:
         torch.set_num_threads(config.trainer.num_threads)
@@ -100,16 +122,25 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     model = build_model(config, run.init_dir)
+    summaries = []
     try:
-        summaries = [run_stage(config, model, name, requeue) for name in config.run_stages]
+        for i, name in enumerate(config.run_stages):
+            summaries.append(run_stage(config, model, name, requeue))
+            if config.trainer.strategy == "fsdp" and not summaries[-1].get("skipped"):
+                # FSDP wrapped the model's modules in place; the next stage (freezing, LoRA) and the QA
+                # evaluation need the plain model: rebuild it from the checkpoints, as load_run does.
+                model, _ = load_trained_stages(config, run, config.run_stages[: i + 1])
     except Requeued as done:
         log.info("%s; SLURM requeued the job, exiting", done)
         return 0
+    if not rank_zero:  # the evaluation and the summary are rank 0's
+        return 0
     qa = run_qa_eval(config, model)
-    report = {"stages": summaries, "seconds": round(time.perf_counter() - start, 1)}
+    stages = merge_stage_summaries(read_stage_summaries(run.summary_file), summaries)
+    report = {"stages": stages, "seconds": round(time.perf_counter() - start, 1)}
     if qa is not None:
         report["qa_accuracy"] = qa["accuracy"]
-    run.summary_file.write_text(json.dumps(report, indent=1))
+    write_summary(run.summary_file, report)
     log.info("finished in %.1f s: %s", report["seconds"], json.dumps(report))
     return 0
 

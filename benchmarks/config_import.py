@@ -24,10 +24,10 @@ TARGETS = {
 }
 
 
-def import_seconds(code: str) -> float:
+def import_seconds(code: str, root: Path) -> float:
     """Cumulative import time of ``code``'s top-level imports, from ``-X importtime`` (seconds)."""
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-X", "importtime", "-c", code], cwd=root, capture_output=True, text=True, check=True
     )
     total = 0
     for line in proc.stderr.splitlines():
@@ -39,30 +39,51 @@ def import_seconds(code: str) -> float:
     return total / 1e6
 
 
-def wall_seconds(code: str) -> float:
+def wall_seconds(code: str, root: Path) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, check=True)
     return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="another checkout (e.g. a git worktree of an older commit) measured side by side with this one",
+    )
+    parser.add_argument(
+        "--train-timeout", type=float, default=120.0, help="stop a train.py that starts training"
+    )
     args = parser.parse_args(argv)
-    print(f"| what | -X importtime, s (median of {args.runs}) | process wall, s (median) |")
-    print("|---|---|---|")
-    for label, code in TARGETS.items():
-        imports = statistics.median(import_seconds(code) for _ in range(args.runs))
-        wall = statistics.median(wall_seconds(code) for _ in range(args.runs))
-        print(f"| {label} | {imports:.3f} | {wall:.2f} |")
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "train.py", "stages.instruct.llm=lorra"], cwd=ROOT, capture_output=True, text=True
-    )
-    print(
-        f"\n`python train.py stages.instruct.llm=lorra`: exit {proc.returncode} in {time.perf_counter() - start:.2f} s"
-    )
-    print(f"  {proc.stderr.strip()}")
+    roots = {"this checkout": ROOT} | ({f"{args.against}": args.against.resolve()} if args.against else {})
+    print(f"| checkout | what | -X importtime, s (median of {args.runs}) | process wall, s (median) |")
+    print("|---|---|---|---|")
+    for name, root in roots.items():
+        for label, code in TARGETS.items():
+            try:
+                imports = statistics.median(import_seconds(code, root) for _ in range(args.runs))
+                wall = statistics.median(wall_seconds(code, root) for _ in range(args.runs))
+            except subprocess.CalledProcessError:
+                print(f"| {name} | {label} | n/a (fails there) | |")
+                continue
+            print(f"| {name} | {label} | {imports:.3f} | {wall:.2f} |")
+    for name, root in roots.items():
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "train.py", "stages.instruct.llm=lorra"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=args.train_timeout,
+            )
+            outcome = f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1][:160]}"
+        except subprocess.TimeoutExpired:
+            outcome = f"still training after {args.train_timeout:.0f} s: the typo was not refused (stopped)"
+        seconds = time.perf_counter() - start
+        print(f"\n{name}: `python train.py stages.instruct.llm=lorra` after {seconds:.1f} s: {outcome}")
     return 0
 
 

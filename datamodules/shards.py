@@ -327,9 +327,10 @@ class ShardStream(IterableDataset):
     def _first_good(self, epoch: int, rank: int, worker: int) -> tuple[str, dict]:
         for sample in self._slot_samples(epoch, rank, worker, 0):
             try:
-                return _key(sample), self._encode(sample)
+                encoded = self._encode(sample)  # first: a sample a bad shard did not deliver has no key
             except SkipSample:
                 continue
+            return _key(sample), encoded
         raise RuntimeError(
             f"{self.index.path}: no usable sample among rank {rank} worker {worker}'s "
             f"{self.samples_per_slot} samples of epoch {epoch}; check the shards"

@@ -56,10 +56,25 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint {path} cannot be read ({str(err).splitlines()[0]})") from None
 
 
-def check_checkpoint_keys(model: nn.Module, state_dict: dict[str, Tensor], stage: str | None) -> None:
+#: What wrappers insert into parameter names: FSDP units and activation checkpointing (state dicts omit them).
+WRAPPER_NAME_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as a state dict has it, whatever FSDP or activation checkpointing wrap around it."""
+    for part in WRAPPER_NAME_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def check_checkpoint_keys(
+    model: nn.Module, state_dict: dict[str, Tensor], stage: str | None, check_shapes: bool = True
+) -> None:
     """One-line errors for a checkpoint that does not fit the model as configured for its stage: every key
-    must be a parameter of the model, every trainable parameter must be there, and shapes must agree."""
-    own = dict(model.named_parameters())
+    must be a parameter of the model, every trainable parameter must be there, and shapes must agree
+    (``check_shapes=False`` for a model sharded by FSDP, whose parameters are local shards: FSDP compares the
+    full shapes when it loads)."""
+    own = {unwrapped_name(name): p for name, p in model.named_parameters()}
     foreign = sorted(k for k in state_dict if k not in own)
     if foreign:
         raise ValueError(
@@ -72,7 +87,7 @@ def check_checkpoint_keys(model: nn.Module, state_dict: dict[str, Tensor], stage
             f"checkpoint (stage {stage}) lacks {len(missing)} trainable weights, e.g. {missing[0]!r}"
         )
     for k, v in state_dict.items():
-        if own[k].shape != v.shape:
+        if check_shapes and own[k].shape != v.shape:
             raise ValueError(
                 f"checkpoint key {k!r} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}"
             )

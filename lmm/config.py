@@ -27,6 +27,14 @@ Precision = Literal[
     "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64"
 ]
 Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
+#: ``trainer.fsdp.auto_wrap``: ``decoder_layers`` makes each of the LLM's decoder layers (the classes its
+#: transformers model lists in ``_no_split_modules``: LlamaDecoderLayer for Vicuna) an FSDP unit of its own,
+#: the rest (visual tower, projector, embeddings, head) the root unit; ``none``: one unit for everything.
+FSDPAutoWrap = Literal["decoder_layers", "none"]
+#: torch's ``ShardingStrategy``: parameters, gradients and optimizer states sharded (full_shard), gradients
+#: and optimizer states only (shard_grad_op, ZeRO-2), nothing (no_shard, DDP), or full_shard within a node and
+#: replicated across nodes (hybrid_shard).
+FSDPSharding = Literal["full_shard", "shard_grad_op", "no_shard", "hybrid_shard"]
 
 
 def _check(condition: bool, message: str) -> None:
@@ -140,19 +148,46 @@ class StageConfig:
 
 
 @dataclasses.dataclass
+class FSDPConfig:
+    """Schema of ``trainer.fsdp:``: how ``trainer.strategy: fsdp`` shards this model (``lmm.strategies``).
+
+    Mixed precision follows ``trainer.precision`` (``bf16-mixed``: parameters gathered and gradients reduced in
+    bf16, the sharded master weights and optimizer states in fp32). Checkpoints are full state dicts written by
+    rank 0 and hold only the trainable weights, as with every other strategy."""
+
+    auto_wrap: FSDPAutoWrap = "decoder_layers"
+    sharding: FSDPSharding = "full_shard"
+    #: Recompute each decoder layer's activations in the backward pass instead of keeping them.
+    activation_checkpointing: bool = False
+    #: Keep the sharded parameters (and so the optimizer step) in CPU memory.
+    cpu_offload: bool = False
+
+    def __post_init__(self) -> None:
+        _check(
+            not (self.sharding == "hybrid_shard" and self.auto_wrap == "none"),
+            "sharding hybrid_shard needs auto_wrap decoder_layers (FSDP shards within a node by unit)",
+        )
+
+
+@dataclasses.dataclass
 class TrainerConfig:
     """Schema of ``trainer:`` (Lightning Trainer settings)."""
 
     accelerator: Accelerator = "auto"
     devices: int = 1
     num_nodes: int = 1
-    #: A Lightning strategy name (auto, ddp, fsdp, deepspeed_stage_2, ...).
+    #: A Lightning strategy name (auto, ddp, fsdp, deepspeed_stage_2, ...); ``fsdp`` is configured by ``fsdp``.
     strategy: str = "auto"
+    fsdp: FSDPConfig = dataclasses.field(default_factory=FSDPConfig)
     precision: Precision = "32-true"
     gradient_clip_val: float | None = 1.0
     log_every_n_steps: int = 10
     deterministic: bool = False
+    #: A progress bar over the stage's optimizer steps, when the output is a terminal.
     progress_bar: bool = True
+    #: A log line (step, loss, steps/s, ETA) every this many optimizer steps, in train.log and on stderr,
+    #: terminal or not; 0: none.
+    progress_every_n_steps: int = 50
     #: Intra-op CPU threads of the training process (None: torch's default, one per core). Tiny models gain
     #: little beyond 2 and lose badly when their threads share cores with other busy processes.
     num_threads: int | None = None
@@ -162,6 +197,10 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "devices", "num_nodes", "log_every_n_steps", "num_threads")
+        _check(
+            self.progress_every_n_steps >= 0,
+            f"progress_every_n_steps must be >= 0, got {self.progress_every_n_steps}",
+        )
         _check(
             self.gradient_clip_val is None or self.gradient_clip_val > 0,
             f"gradient_clip_val must be positive or null, got {self.gradient_clip_val}",
@@ -250,6 +289,12 @@ class TrainConfig:
                 f"micro_batch_size x devices x nodes = {stage.micro_batch_size} x {self.trainer.devices} x "
                 f"{self.trainer.num_nodes}",
             )
+        _check(
+            not (self.grounding.enabled and self.trainer.strategy == "fsdp"),
+            "grounding.enabled: the training-time grounding evaluation generates with an unsharded model, which "
+            "trainer.strategy fsdp does not keep; set grounding.enabled=false and evaluate the trained run with "
+            "python -m grounding layer-sweep --run",
+        )
         unknown = sorted(set(self.grounding.stages or ()) - set(self.stages))
         _check(
             not unknown,

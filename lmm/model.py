@@ -24,7 +24,7 @@ from encoders.base import VisualEncoder
 from encoders.registry import build_encoder
 from grounding.batching import left_pad
 from lmm.batch import IGNORE_INDEX, PackedImages, TrainBatch
-from lmm.checkpoint_io import check_checkpoint_keys
+from lmm.checkpoint_io import check_checkpoint_keys, unwrapped_name
 from lmm.config import LLMConfig, ProjectorConfig, StageConfig
 from lmm.llm import LLMBackbone
 from lmm.preprocess import SampleEncoder
@@ -113,7 +113,11 @@ class LMM(L.LightningModule):
         labels: Tensor | None = None,
     ) -> Any:
         embeds = self.embed_inputs(input_ids, images)
-        return self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        # No key/value cache in a training pass: activation checkpointing reruns each decoder layer in the
+        # backward pass, and a cache would take that layer's keys twice.
+        return self.llm.model(
+            inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False
+        )
 
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         images = None if batch.images is None else self.encoder_pixels(batch.images)
@@ -173,7 +177,20 @@ class LMM(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ checkpoints
     def trainable_keys(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
+        """State-dict names of the trainable parameters (FSDP's wrapper names taken out)."""
+        return {unwrapped_name(name) for name, p in self.named_parameters() if p.requires_grad}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: Any,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        from lmm.strategies import clip_sharded_gradients
+
+        if gradient_clip_val and clip_sharded_gradients(self.trainer.strategy, gradient_clip_val):
+            return  # FSDP: the root module clips over every rank's shards
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_keys()
@@ -182,7 +199,11 @@ class LMM(L.LightningModule):
         checkpoint["lmm"] = {"stage": self.stage_name, "config": config}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_checkpoint_keys(self, checkpoint["state_dict"], checkpoint.get("lmm", {}).get("stage"))
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        sharded = self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)
+        stage = checkpoint.get("lmm", {}).get("stage")
+        check_checkpoint_keys(self, checkpoint["state_dict"], stage, check_shapes=not sharded)
 
     def sample_encoder(self, stage: StageConfig) -> SampleEncoder:
         """The per-sample preprocessing of a stage: its template and max length, this model's tokenizer and

@@ -10,6 +10,7 @@ folder, so a restarted or requeued job picks up its own checkpoints):
     init/                             initial weights unpacked from init.llava_hf (clip/, llm/, projector)
     grounding/metrics.json            the grounding evaluation's history
     samples/<stage>/rank<r>.jsonl     consumed sample keys (data.record_samples)
+    history.jsonl                     one line per invocation of train.py: when, how, which keys changed
     train.log, qa_eval.json, summary.json
 
 ``load_run`` rebuilds the model from the config (frozen weights from their files or seeds) and replays the
@@ -52,6 +53,10 @@ class RunDir:
         return self.path / "summary.json"
 
     @property
+    def history_file(self) -> Path:
+        return self.path / "history.jsonl"
+
+    @property
     def qa_file(self) -> Path:
         return self.path / "qa_eval.json"
 
@@ -88,11 +93,17 @@ class RunDir:
         return self.path / "samples" / stage
 
     def read_config(self) -> TrainConfig:
+        """The run's config; relative paths (a run written before they were resolved at train time) are made
+        absolute against the folder that run was trained from, so the result does not depend on the cwd."""
         from lmm.config_loading import read_config_file
+        from lmm.run_paths import resolve_config_paths, training_folder
 
         if not self.config_file.is_file():
             raise FileNotFoundError(f"{self.path} is not a run directory (no config.yaml)")
-        return read_config_file(self.config_file)
+        config = read_config_file(self.config_file)
+        if not Path(config.runs_dir).is_absolute():
+            config = resolve_config_paths(config, training_folder(self.path, config.runs_dir))
+        return config
 
     def write_config(self, config: TrainConfig) -> None:
         """Replace ``config.yaml`` atomically: a reader never sees half a file."""
@@ -107,22 +118,29 @@ class RunDir:
             tmp.unlink(missing_ok=True)
 
 
-def load_run(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[LMM, TrainConfig]:
-    """Rebuild the trained model of a run directory (all stages that have a checkpoint), in eval mode."""
+def load_trained_stages(config: TrainConfig, run: RunDir, stages: list[str]) -> tuple[LMM, list[str]]:
+    """A model built from ``config`` with the trained weights of ``stages`` (in order, up to the first without
+    ``last.ckpt``) loaded, each stage configured before its weights go in; returns it and the stages loaded."""
     from lmm.build import build_model
     from lmm.checkpoint_io import load_stage_weights
 
-    run = RunDir(run_dir)
-    config = run.read_config()
     model = build_model(config, run.init_dir)
     loaded = []
-    for name in config.run_stages:
+    for name in stages:
         path = run.last_checkpoint(name)
         model.configure_stage(name, config.stages[name], quiet=True)
         if not path.is_file():
             break
         load_stage_weights(model, path, name)
         loaded.append(name)
+    return model, loaded
+
+
+def load_run(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[LMM, TrainConfig]:
+    """Rebuild the trained model of a run directory (all stages that have a checkpoint), in eval mode."""
+    run = RunDir(run_dir)
+    config = run.read_config()
+    model, loaded = load_trained_stages(config, run, config.run_stages)
     if not loaded:
         raise FileNotFoundError(f"{run.path} has no stage checkpoint under checkpoints/<stage>/last.ckpt")
     log.info("loaded run %s (stages %s)", run.path, ", ".join(loaded))

@@ -24,8 +24,10 @@ from lmm.callbacks import RequeueAtStep, SaveRecord
 from lmm.checkpoint_io import AtomicCheckpointIO, load_stage_weights, read_checkpoint
 from lmm.config import TrainConfig
 from lmm.model import LMM
+from lmm.progress import StageProgress
 from lmm.run_dir import RunDir
 from lmm.slurm import Requeued, RequeueSignal
+from lmm.strategies import build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +100,14 @@ def run_stage(
         accelerator=config.trainer.accelerator,
         devices=config.trainer.devices,
         num_nodes=config.trainer.num_nodes,
-        strategy=config.trainer.strategy,
+        strategy=build_strategy(config.trainer, model),
         precision=config.trainer.precision,
         max_steps=max_steps,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=config.trainer.gradient_clip_val,
         log_every_n_steps=config.trainer.log_every_n_steps,
         deterministic=config.trainer.deterministic,
-        enable_progress_bar=config.trainer.progress_bar,
+        enable_progress_bar=False,  # StageProgress: steps of the stage, in a terminal and in a log
         default_root_dir=folder,  # where Lightning looks for hpc_ckpt_*.ckpt
         plugins=plugins,
         logger=TensorBoardLogger(
@@ -120,6 +122,12 @@ def run_stage(
                 every_n_train_steps=stage.checkpoint_every_n_steps,
             ),
             saves,
+            StageProgress(
+                name,
+                max_steps,
+                config.trainer.progress_every_n_steps,
+                bar=config.trainer.progress_bar and StageProgress.terminal(),
+            ),
             LearningRateMonitor(logging_interval="step"),
             SkippedSamplesLogger(),
             *cluster_callbacks,

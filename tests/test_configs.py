@@ -1,5 +1,6 @@
 """Every YAML under configs/ loads, validates and (where it needs no weight files) builds; bad configs fail clearly."""
 
+import json
 import types
 from pathlib import Path
 
@@ -230,3 +231,67 @@ def test_a_bad_value_exits_2_from_the_command_line_in_seconds(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "lorra" in proc.stderr
     assert not any(tmp_path.iterdir())
     print(f"bad config rejected in {seconds:.1f} s")
+
+
+PREFLIGHT = [
+    (
+        ["stages.instruct.data=/nonexistent"],
+        "stages.instruct.data = '/nonexistent': /nonexistent/index.json does not exist",
+    ),
+    (
+        ["grounding.spacy_model=en_nope"],
+        "grounding.spacy_model = 'en_nope' is not an installed spaCy pipeline",
+    ),
+    (["llm.tokenizer=/nonexistent/tok"], "llm.tokenizer = '/nonexistent/tok': no such folder"),
+    (
+        ["llm.path=/nonexistent/vicuna"],
+        "llm.path = '/nonexistent/vicuna': /nonexistent/vicuna/config.json does not",
+    ),
+    (
+        ["encoder.weights=/nonexistent/clip.pt"],
+        "encoder.weights = '/nonexistent/clip.pt': no such file or folder",
+    ),
+    (
+        ["qa_eval.questions=/nonexistent/qa.json"],
+        "qa_eval.questions = '/nonexistent/qa.json': /nonexistent/qa.json",
+    ),
+    (["grounding.data=nope"], "grounding.data = 'nope': "),
+    (
+        ["grounding.text_model=/nonexistent/bert"],
+        "grounding.text_model = '/nonexistent/bert': no such folder",
+    ),
+    (
+        ["grounding.refiner=sam", "grounding.sam_checkpoint=/nonexistent/sam.pth"],
+        "grounding.sam_checkpoint = '/nonexistent/sam.pth': no such file",
+    ),
+    (["llm.path={llm}", "grounding.layers=[0,5]"], "grounding.layers [5] are outside the LLM's 3 layers"),
+    (
+        ["init.llava_hf=/nonexistent/llava-hf"],
+        "init.llava_hf = '/nonexistent/llava-hf': no config.json there",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), PREFLIGHT, ids=[" ".join(o) for o, _ in PREFLIGHT])
+def test_train_py_stops_on_a_missing_file_before_any_work(overrides, message, tiny_args, tmp_path, capsys):
+    """Issue 16, cases 2 and 3: values that point at nothing (a stage's data, the tokenizer, weights, the
+    grounding set, spaCy model and text encoder, the questions, SAM) or at layers a local LLM lacks used to
+    fail after a stage had trained, or while building the model; now exit 2 with one line, nothing written."""
+    llm = tmp_path / "llm"
+    llm.mkdir()
+    (llm / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 3}))
+    args = tiny_args() + [o.format(llm=llm) for o in overrides]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("config error: ") and message in err, err
+    assert not (tmp_path / "runs").exists(), "nothing is written"
+
+
+def test_preflight_knows_what_the_shapes_world_generates_and_which_spacy_models_it_tries(tiny_world):
+    from grounding.phrases import FALLBACK_SPACY_MODELS
+    from lmm.preflight import DEFAULT_SPACY_MODELS, SHAPES_WORLD_OUTPUTS, preflight
+
+    assert DEFAULT_SPACY_MODELS == FALLBACK_SPACY_MODELS
+    assert all((tiny_world / name).exists() for name in SHAPES_WORLD_OUTPUTS)
+    config = load_config(None, [f"data.root={tiny_world}", "data.shapes=null"])
+    assert preflight(config) == [], "the default config on a generated world needs nothing else"

@@ -291,3 +291,30 @@ def test_every_bad_data_kind_is_skipped_counted_logged_and_training_goes_on(tiny
     for kind in ("corrupt_image", "corrupt_shard", "bad_json", "bad_conversation", "too_long"):
         assert acc.Scalars(f"data/skipped_{kind}")[-1].value >= 1, kind
         assert f" {kind} sample(s)" in log_text, kind
+
+
+def test_an_index_that_overstates_a_shard_counts_the_missing_samples_as_a_bad_shard(tmp_path):
+    """Issue 16, case 5: index.json says a shard holds more samples than it does. The positions past the
+    shard's real end are counted as ``corrupt_shard`` skips; a batch made only of such positions falls back to
+    the slot's first good sample (it used to end in ``AttributeError: '_Missing' object has no attribute
+    'get'`` inside the worker)."""
+    good = []
+    for i in range(4):
+        good += [(f"{i:03d}.json", json.dumps(_record(i)).encode()), (f"{i:03d}.png", _png())]
+    _write_tar(tmp_path / "shard-000000.tar", good)
+    # 4 samples in the tar, 12 in the index: with batches of 4 the slot's positions 4-11 do not exist.
+    index = {"shards": [{"url": "shard-000000.tar", "num_samples": 12}]}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    dm, _ = _module(tmp_path, batch_size=4)
+    assert dm.batches_per_epoch == 3
+    batches = []
+    for batch in dm.train_dataloader():
+        batches.append(batch)
+        if len(batches) == 6:  # two epochs
+            break
+    skipped = sum(b.skipped.get("corrupt_shard", 0) for b in batches)
+    assert skipped == 2 * 8, "every position past the shard's end is one corrupt_shard skip"
+    keys = {k for b in batches for k in b.keys}
+    assert keys <= {f"{i:03d}" for i in range(4)} and len(keys) == 4
+    for b in batches:  # a batch of only missing samples still yields one good sample
+        assert len(b.keys) >= 1 and len(b.batch) == len(b.keys)

@@ -112,6 +112,85 @@ def test_threshold_refiner_gives_the_half_height_disc_of_the_peak_blob():
     assert wide.sum() > mask.sum() and (wide | mask).sum() == wide.sum()
 
 
+def _geodesic_component(region: torch.Tensor, x: int, y: int) -> np.ndarray:
+    """The refiner's earlier exact algorithm (geodesic dilation from the point inside the region), kept as the
+    reference: an independent route to the same 8-connected component."""
+    allowed = region[None, None].float()
+    grown = torch.zeros_like(allowed)
+    grown[0, 0, y, x] = allowed[0, 0, y, x]
+    while True:
+        before = grown
+        for _ in range(8):
+            grown = torch.nn.functional.max_pool2d(grown, kernel_size=3, stride=1, padding=1) * allowed
+        if torch.equal(grown, before):
+            return grown[0, 0].bool().numpy()
+
+
+def _smooth_noise(height: int, width: int, grid: tuple[int, int], seed: int) -> torch.Tensor:
+    """A token-grid map upsampled bicubically, as attend-and-segment's maps are."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(grid, generator=generator)
+    return upsample_map(coarse, (height, width), aspect="resize")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_threshold_refiner_equals_the_exact_component_where_resolution_is_not_bounded(seed):
+    """Issue 16, case 4 (correctness side): maps up to max_side pixels get exactly the old algorithm's mask,
+    several blobs and holes included."""
+    height, width = 70 + 7 * seed, 90 - 5 * seed
+    upsampled = _smooth_noise(height, width, (6, 6), seed)
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    for fraction in (0.3, 0.5, 0.8):
+        refiner = ThresholdRefiner(fraction=fraction)
+        for point in (argmax_point(upsampled), (width // 3, height // 2)):
+            (mask,) = refiner(image, [point], [upsampled])
+            low, peak = upsampled.min(), upsampled[point[1], point[0]]
+            expected = _geodesic_component(upsampled >= low + fraction * (peak - low), *point)
+            assert np.array_equal(mask, expected), (fraction, point)
+
+
+def test_threshold_refiner_at_bounded_resolution_keeps_the_full_resolution_boundary():
+    """Beyond max_side, connectivity is decided on cells: the mask still contains the exact component, lies
+    inside the full-resolution threshold, and equals the exact one when no two parts come closer than a
+    cell."""
+    from grounding.segment import component_at
+
+    height, width = 300, 420
+    upsampled = _smooth_noise(height, width, (24, 24), 3)
+    region = upsampled >= upsampled.min() + 0.5 * (upsampled.max() - upsampled.min())
+    x, y = argmax_point(upsampled)
+    exact = component_at(region, x, y, max_side=4096)  # not bounded: exact, as the test above checks
+    bounded = component_at(region, x, y, max_side=60)  # 7 x 7 pixel cells
+    assert bounded.shape == (height, width)
+    assert not (exact & ~bounded).any(), "the exact component is always inside"
+    assert not (bounded & ~region.numpy()).any(), "nothing outside the full-resolution threshold"
+    blobs = _gaussian(height, width, 100, 80, 20.0) + _gaussian(height, width, 320, 220, 20.0)
+    blob_region = blobs >= 0.5
+    assert np.array_equal(component_at(blob_region, 100, 80, 60), component_at(blob_region, 100, 80, 4096))
+
+
+def test_threshold_refiner_labels_a_large_photo_at_bounded_resolution(monkeypatch):
+    """Issue 16, case 4: a 4000 x 3000 map is labelled by scipy's connected components at no more than
+    max_side pixels a side (the old search dilated at full resolution: 226 s for 2000 x 1500, an 8000 x 8000
+    photo did not finish in 645 s). Speed itself is measured by benchmarks/threshold_refiner.py."""
+    from scipy import ndimage
+
+    shapes = []
+    label = ndimage.label
+
+    def recording_label(region, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        shapes.append(region.shape)
+        return label(region, *args, **kwargs)
+
+    monkeypatch.setattr(ndimage, "label", recording_label)
+    height, width = 3000, 4000
+    upsampled = _smooth_noise(height, width, (24, 24), 1)
+    point = argmax_point(upsampled)
+    (mask,) = ThresholdRefiner()(np.zeros((height, width, 3), dtype=np.uint8), [point], [upsampled])
+    assert shapes == [(750, 1000)], "one labelling, at 4 x 4 pixel cells"
+    assert mask.shape == (height, width) and mask[point[1], point[0]]
+
+
 def test_registry_is_read_only_and_matches_the_settings_schema():
     assert set(REFINERS) == set(config.REFINERS) == {"sam", "threshold"}
     with pytest.raises(TypeError):

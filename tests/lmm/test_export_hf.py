@@ -268,3 +268,7 @@ def test_training_starts_from_a_llava_hf_folder_named_by_the_config(exported, ti
         expected = model(ours.input_ids, ours.attention_mask, ours.images).logits
         got = started(theirs.input_ids, theirs.attention_mask, theirs.images).logits
     assert relative_error(got, expected) < 1e-5
+    # The same command again finds the run finished: the unpacked sections are bound to init.llava_hf.
+    assert train.main(args) == 0
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and history[1]["changed"] == {}
