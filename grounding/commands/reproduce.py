@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from grounding.commands.models import (
 )
 from grounding.commands.options import add_attend_arguments, attend_settings, describe
 from grounding.commands.settings_file import SettingsMismatch, check_settings
+from grounding.commands.sharded import ShardFailed, add_parallel_arguments, read_ids, run_sharded
 from grounding.config import AttendConfig
 from grounding.granddf import PAPER, PAPER_ROW, SPLITS, GranDfSplit, granddf_from_shapes, locate_granddf
 
@@ -56,11 +56,9 @@ def _subset(gt: GCGGroundTruth, ids: Sequence[Any]) -> GCGGroundTruth:
 def ground_images(
     args: argparse.Namespace, settings: AttendConfig, data: GranDfSplit, ids: Sequence[Any], pred_dir: Path
 ) -> dict:
-    """Ground every image of ``ids`` without a prediction file; returns timing of the work done."""
-    from PIL import Image
-    from tqdm import tqdm
-
-    from grounding.attend import AttendAndSegment
+    """Ground every image of ``ids`` without a prediction file, on every device at once
+    (``grounding.commands.sharded``); returns timing of the work done."""
+    import functools
 
     todo = [i for i in ids if not gcg_prediction_path(pred_dir, i).is_file()]
     print(
@@ -68,34 +66,68 @@ def ground_images(
     )
     if not todo:
         return {"images": 0}
+    work = functools.partial(_ground_gcg, settings, data, pred_dir)
+    return _run_work(args, todo, work, pred_dir, f"grounding {data.split}", settings.batch_size)
+
+
+def _ground_gcg(
+    settings: AttendConfig,
+    data: GranDfSplit,
+    pred_dir: Path,
+    args: argparse.Namespace,
+    todo: list[Any],
+    progress: Any,
+) -> None:
+    """One process's share of GCG: load the model on ``args.device``, ground ``todo`` batch by batch."""
+    from PIL import Image
+
+    from grounding.attend import AttendAndSegment
+
+    pipeline = AttendAndSegment(load_for_work(args), settings, device=args.device)
+    progress(0)
+    step = settings.batch_size
+    for first in range(0, len(todo), step):
+        chunk = todo[first : first + step]
+        pictures = []
+        for image_id in chunk:
+            with Image.open(data.images[image_id]) as image:
+                pictures.append(image.convert("RGB"))
+        for image_id, result in zip(chunk, pipeline(pictures), strict=True):
+            write_gcg_prediction(gcg_prediction_path(pred_dir, image_id), result.to_gcg(image_id))
+        progress(len(chunk))
+
+
+def load_for_work(args: argparse.Namespace) -> Any:
+    """The groundable model ``args`` names, on ``args.device`` (a load error becomes a ``ReproduceError``)."""
     try:
-        loaded = load_model(args, PAPER_SETTINGS)
+        return load_model(args, PAPER_SETTINGS).model
     except ModelLoadError as err:
         raise ReproduceError(str(err)) from None
-    pipeline = AttendAndSegment(loaded.model, settings, device=args.device)
-    start = time.perf_counter()
-    step = settings.batch_size
-    with tqdm(total=len(todo), desc=f"grounding {data.split}", unit="img") as bar:
-        for first in range(0, len(todo), step):
-            chunk = todo[first : first + step]
-            pictures = []
-            for image_id in chunk:
-                with Image.open(data.images[image_id]) as image:
-                    pictures.append(image.convert("RGB"))
-            for image_id, result in zip(chunk, pipeline(pictures), strict=True):
-                write_gcg_prediction(gcg_prediction_path(pred_dir, image_id), result.to_gcg(image_id))
-            bar.update(len(chunk))
-            bar.set_postfix(images_per_min=f"{60.0 * bar.n / max(time.perf_counter() - start, 1e-9):.1f}")
-    seconds = time.perf_counter() - start
-    rate = 60.0 * len(todo) / max(seconds, 1e-9)
-    timing = {"images": len(todo), "seconds": seconds, "images_per_minute": rate, "batch_size": step}
+
+
+def _run_work(
+    args: argparse.Namespace, todo: Sequence[Any], work: Any, out_dir: Path, desc: str, batch_size: int
+) -> dict:
+    """Run ``work`` over ``todo`` on every device (``run_sharded``), counting ``out_dir``'s JSON files."""
+
+    def done() -> int:
+        return sum(1 for _ in out_dir.glob("*.json")) if out_dir.is_dir() else 0
+
+    try:
+        timing = run_sharded(args, todo, work, done, desc)
+    except ShardFailed as err:
+        raise ReproduceError(str(err)) from None
+    timing["batch_size"] = batch_size
     peak = ""
-    if str(args.device).startswith("cuda"):
+    if str(args.device).startswith("cuda") and timing["processes"] == 1:
         import torch
 
         timing["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30  # weights included
         peak = f", peak GPU memory {timing['peak_gpu_gib']:.1f} GiB"
-    print(f"grounded {len(todo)} images in {seconds:.1f} s ({rate:.2f} images/min at batch {step}{peak})")
+    print(
+        f"{desc}: {timing['images']} items in {timing['seconds']:.1f} s ({timing['images_per_minute']:.2f} "
+        f"per min at batch {batch_size}, {timing['processes']} process(es){peak})"
+    )
     return timing
 
 
@@ -160,6 +192,8 @@ def run_gcg(args: argparse.Namespace) -> dict[str, Any]:
     data = locate_granddf(args.granddf, args.split)
     gt = load_gcg_ground_truth(data.mask_file, data.caption_file)
     ids = list(gt.eval_ids)
+    ids = select_ids(ids, args)
+    gt = _subset(gt, ids)
     if args.limit is not None:
         ids = ids[: args.limit]
         gt = _subset(gt, ids)
@@ -197,6 +231,22 @@ def run_gcg(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def select_ids(ids: Sequence[Any], args: argparse.Namespace) -> list[Any]:
+    """``ids`` limited to ``--ids`` (compared as strings), in their own order; unknown ids are an error."""
+    try:
+        wanted = read_ids(args.ids)
+    except ShardFailed as err:
+        raise ReproduceError(str(err)) from None
+    if wanted is None:
+        return list(ids)
+    known = {str(i) for i in ids}
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise ReproduceError(f"--ids: {len(unknown)} ids are not in the data (first: {unknown[0]!r})")
+    keep = set(wanted)
+    return [i for i in ids if str(i) in keep]
+
+
 def _base_settings(args: argparse.Namespace) -> AttendConfig:
     """What unset options default to: the paper's settings, or a trained run's own grounding settings."""
     if args.run is None:
@@ -227,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--no-caption-metrics", action="store_true", help="skip METEOR/CIDEr (no Java needed)")
     g.add_argument("--limit", type=int, default=None, help="only the first N images (smoke tests, timing)")
+    add_parallel_arguments(g)
     add_attend_arguments(g, "the paper's: refiner sam (needs --sam), 512 new tokens, root/max grouping")
     g.set_defaults(handler=run_gcg)
 
