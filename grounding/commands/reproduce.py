@@ -9,6 +9,12 @@ evaluates them with ``grounding.evaluate.evaluate_gcg`` (AP50, mIoU, mask recall
 the measured numbers beside the paper's. Rerunning the same command resumes: images whose prediction file
 exists are not redone, and a run whose settings differ from the ones recorded in ``OUT/settings.json`` stops
 instead of mixing predictions. ``granddf-from-shapes`` lays a shapes-world validation set out as GranD-f.
+
+The paper's other evaluations are sibling commands with the same model options, resumability, ``--ids`` and
+``--processes`` (every GPU at once, ``grounding.commands.sharded``): ``png`` (panoptic narrative grounding,
+``grounding.commands.reproduce_png``), ``res`` (RefCOCO/+/g referring segmentation,
+``grounding.commands.reproduce_res``) and ``instance`` (COCO instance segmentation,
+``grounding.commands.reproduce_instance``).
 """
 
 from __future__ import annotations
@@ -25,24 +31,26 @@ from typing import Any
 
 from grounding.coco_io import GCGGroundTruth, GroundingInputError, gcg_prediction_path, write_gcg_prediction
 from grounding.commands.models import (
-    ModelLoadError,
     add_model_arguments,
-    load_model,
     model_source,
     resolve_device,
 )
 from grounding.commands.options import add_attend_arguments, attend_settings, describe
+from grounding.commands.reproduce_common import (
+    ReproduceError,
+    absolute,
+    base_settings,
+    load_for_work,
+    run_work,
+    select_ids,
+)
+from grounding.commands.reproduce_instance import add_instance_parser
+from grounding.commands.reproduce_png import add_png_parser
+from grounding.commands.reproduce_res import add_res_parser
 from grounding.commands.settings_file import SettingsMismatch, check_settings
-from grounding.commands.sharded import ShardFailed, add_parallel_arguments, read_ids, run_sharded
+from grounding.commands.sharded import add_parallel_arguments
 from grounding.config import AttendConfig
 from grounding.granddf import PAPER, PAPER_ROW, SPLITS, GranDfSplit, granddf_from_shapes, locate_granddf
-
-#: The paper's GCG settings (the reference's final scripts); the refiner is SAM ViT-H once --sam is given.
-PAPER_SETTINGS = AttendConfig()
-
-
-class ReproduceError(Exception):
-    """A problem with the inputs; reported as one ``error:`` line (exit status 2)."""
 
 
 def _subset(gt: GCGGroundTruth, ids: Sequence[Any]) -> GCGGroundTruth:
@@ -67,7 +75,7 @@ def ground_images(
     if not todo:
         return {"images": 0}
     work = functools.partial(_ground_gcg, settings, data, pred_dir)
-    return _run_work(args, todo, work, pred_dir, f"grounding {data.split}", settings.batch_size)
+    return run_work(args, todo, work, pred_dir, f"grounding {data.split}", settings.batch_size)
 
 
 def _ground_gcg(
@@ -95,40 +103,6 @@ def _ground_gcg(
         for image_id, result in zip(chunk, pipeline(pictures), strict=True):
             write_gcg_prediction(gcg_prediction_path(pred_dir, image_id), result.to_gcg(image_id))
         progress(len(chunk))
-
-
-def load_for_work(args: argparse.Namespace) -> Any:
-    """The groundable model ``args`` names, on ``args.device`` (a load error becomes a ``ReproduceError``)."""
-    try:
-        return load_model(args, PAPER_SETTINGS).model
-    except ModelLoadError as err:
-        raise ReproduceError(str(err)) from None
-
-
-def _run_work(
-    args: argparse.Namespace, todo: Sequence[Any], work: Any, out_dir: Path, desc: str, batch_size: int
-) -> dict:
-    """Run ``work`` over ``todo`` on every device (``run_sharded``), counting ``out_dir``'s JSON files."""
-
-    def done() -> int:
-        return sum(1 for _ in out_dir.glob("*.json")) if out_dir.is_dir() else 0
-
-    try:
-        timing = run_sharded(args, todo, work, done, desc)
-    except ShardFailed as err:
-        raise ReproduceError(str(err)) from None
-    timing["batch_size"] = batch_size
-    peak = ""
-    if str(args.device).startswith("cuda") and timing["processes"] == 1:
-        import torch
-
-        timing["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30  # weights included
-        peak = f", peak GPU memory {timing['peak_gpu_gib']:.1f} GiB"
-    print(
-        f"{desc}: {timing['images']} items in {timing['seconds']:.1f} s ({timing['images_per_minute']:.2f} "
-        f"per min at batch {batch_size}, {timing['processes']} process(es){peak})"
-    )
-    return timing
 
 
 def _fmt(value: float | None, scale: float = 100.0) -> str:
@@ -175,7 +149,7 @@ def run_gcg(args: argparse.Namespace) -> dict[str, Any]:
         args.refiner = "sam"  # the paper's
     if args.refiner == "sam" and args.sam_checkpoint is None:
         raise ReproduceError("--refiner sam (the paper's) needs --sam CHECKPOINT (sam_vit_h_4b8939.pth)")
-    settings = attend_settings(args, _base_settings(args))
+    settings = attend_settings(args, base_settings(args))
     if settings.refiner == "sam" and not Path(settings.sam_checkpoint).is_file():
         raise ReproduceError(f"--sam {settings.sam_checkpoint}: file not found")
     if settings.spacy_model is None:  # resolved now, so settings.json records the real one
@@ -205,7 +179,7 @@ def run_gcg(args: argparse.Namespace) -> dict[str, Any]:
         **model_source(args),
         "split": args.split,
         **dataclasses.asdict(settings),
-        "sam_checkpoint": _absolute(settings.sam_checkpoint),
+        "sam_checkpoint": absolute(settings.sam_checkpoint),
     }
     try:
         check_settings(out, recorded, ignore=("batch_size",), predictions="predictions")
@@ -231,35 +205,6 @@ def run_gcg(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def select_ids(ids: Sequence[Any], args: argparse.Namespace) -> list[Any]:
-    """``ids`` limited to ``--ids`` (compared as strings), in their own order; unknown ids are an error."""
-    try:
-        wanted = read_ids(args.ids)
-    except ShardFailed as err:
-        raise ReproduceError(str(err)) from None
-    if wanted is None:
-        return list(ids)
-    known = {str(i) for i in ids}
-    unknown = [w for w in wanted if w not in known]
-    if unknown:
-        raise ReproduceError(f"--ids: {len(unknown)} ids are not in the data (first: {unknown[0]!r})")
-    keep = set(wanted)
-    return [i for i in ids if str(i) in keep]
-
-
-def _base_settings(args: argparse.Namespace) -> AttendConfig:
-    """What unset options default to: the paper's settings, or a trained run's own grounding settings."""
-    if args.run is None:
-        return PAPER_SETTINGS
-    from lmm.run_dir import RunDir
-
-    return RunDir(args.run).read_config().grounding.attend_settings()
-
-
-def _absolute(path: Any) -> str | None:
-    return None if path is None else str(Path(path).resolve())
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m grounding reproduce", description=__doc__.split("\n\n")[0]
@@ -281,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_attend_arguments(g, "the paper's: refiner sam (needs --sam), 512 new tokens, root/max grouping")
     g.set_defaults(handler=run_gcg)
 
+    add_png_parser(sub)
+    add_res_parser(sub)
+    add_instance_parser(sub)
+
     s = sub.add_parser("granddf-from-shapes", help="lay a shapes world's GCG val set out as GranD-f")
     s.add_argument(
         "--world", required=True, type=Path, help="a shapes world folder (python -m datamodules.shapes)"
@@ -297,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    if args.command == "gcg":
+    if args.command in ("gcg", "png", "res", "instance"):
         resolve_device(args)
     try:
         args.handler(args)
