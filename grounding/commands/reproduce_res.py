@@ -25,6 +25,7 @@ from typing import Any
 from grounding.commands.models import add_model_arguments, model_source
 from grounding.commands.options import add_attend_arguments, attend_settings, describe
 from grounding.commands.reproduce_common import (
+    PAPER_SETTINGS,
     ReproduceError,
     absolute,
     base_settings,
@@ -44,6 +45,8 @@ __all__ = ["RES_PROMPT", "add_res_parser", "ground_expressions", "run_res"]
 #: The reference's question for one referring expression.
 RES_PROMPT = 'Describe the "{}" in the image.'
 SPLITS = ("val", "testA", "testB", "test")
+#: ``aas/infer_attn_res.py``'s generation limit (1024 new tokens; GCG's is 512); the rest is GCG's.
+RES_SETTINGS = dataclasses.replace(PAPER_SETTINGS, max_new_tokens=1024)
 COLUMNS = (("giou", "gIoU"), ("ciou", "cIoU"))
 
 
@@ -202,7 +205,7 @@ def run_res(args: argparse.Namespace) -> dict[str, Any]:
         raise ReproduceError(f"--first-tokens must be >= 1, got {args.first_tokens}")
     if not args.images.is_dir():
         raise ReproduceError(f"--images {args.images}: not a folder")
-    settings = attend_settings(args, base_settings(args))
+    settings = attend_settings(args, RES_SETTINGS if args.run is None else base_settings(args))
     if args.proposals is None and settings.refiner == "sam" and not Path(settings.sam_checkpoint).is_file():
         raise ReproduceError(f"--sam {settings.sam_checkpoint}: file not found")
     print(f"settings: {describe(settings)}")
@@ -311,5 +314,5 @@ def add_res_parser(sub: Any) -> None:
         "--limit", type=int, default=None, help="only the first N expressions (smoke tests, timing)"
     )
     add_parallel_arguments(r)
-    add_attend_arguments(r, "the reference's: greedy, every layer")
+    add_attend_arguments(r, "the reference's: greedy, up to 1024 new tokens, every layer")
     r.set_defaults(handler=run_res)

@@ -4,7 +4,8 @@ A command hands :func:`run_sharded` the items still to do (images, narratives, e
 function ``work(args, items, progress)`` that loads the model on ``args.device``, processes its items in batches
 and writes one result file per item atomically (so a rerun resumes item by item and shards never need to talk:
 the results folder is the merge). With one process the work runs here; with ``N`` it runs in ``N`` spawned
-processes (``torch.multiprocessing``), process ``r`` on ``cuda:r`` (or the CPU), taking items ``r, r + N, ...``,
+processes (``torch.multiprocessing``), process ``r`` on ``cuda:r`` (round-robin when there are more
+processes than GPUs; or the CPU), taking items ``r, r + N, ...``,
 while this process shows one progress bar over all of them with the images per minute, counting result files.
 
 ``--processes`` defaults to the number of visible GPUs when the device is CUDA, else 1; on a CPU, ``N``
@@ -101,8 +102,9 @@ def _worker(rank: int, n: int, args: argparse.Namespace, items: list[Any], work:
 
     device = str(args.device)
     if device.startswith("cuda"):
-        args.device = f"cuda:{rank}"
-        torch.cuda.set_device(rank)
+        index = rank % max(1, torch.cuda.device_count())  # more processes than GPUs share them round-robin
+        args.device = f"cuda:{index}"
+        torch.cuda.set_device(index)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
     try:
