@@ -23,13 +23,13 @@ from PIL import Image
 from grounding.capture import AttentionCapture
 from grounding.coco_io import GCGPrediction, mask_to_rle, write_gcg_prediction
 from grounding.config import AttendConfig
-from grounding.layout import GridView
-from grounding.phrases import default_spacy_model, group_phrases, response_token_offsets
+from grounding.layout import GridView, ImageLayout
+from grounding.phrases import Phrase, default_spacy_model, group_phrases, response_token_offsets
 from grounding.protocol import GroundableModel
+from grounding.sam_prompts import PromptedSam, ScoredMask, refiner_from_config, remove_corner
 from grounding.segment import (
     Refiner,
     argmax_point,
-    build_refiner,
     normalize_response_maps,
     rows_including_stop,
 )
@@ -46,6 +46,9 @@ class GroundedResponse:
     maps: list[torch.Tensor]  # (h, w) normalised phrase maps on the token grid, for overlays
     token_maps: torch.Tensor  # (n_tokens, h, w) raw maps of the response tokens
     view: GridView | None = None  # the grid read and where it lies on the image (view.render(map) -> (H, W))
+    #: Per phrase, the masks the refiner kept with their scores: SAM's predicted IoU (all three masks with
+    #: ``more_masks``, else the last, which is ``masks[i]``); 1.0 for a refiner without scores.
+    scored_masks: list[list[ScoredMask]] = dataclasses.field(default_factory=list)
 
     def to_gcg(self, image_id: str) -> GCGPrediction:
         return GCGPrediction(
@@ -54,6 +57,17 @@ class GroundedResponse:
             phrases=list(self.phrases),
             pred_masks=[mask_to_rle(m) for m in self.masks],
         )
+
+
+@dataclasses.dataclass
+class ResponseMaps:
+    """One sample of grounded generation before phrases: the generated ids (the stop token and the padding a
+    batch adds after it included), one raw attention row per step ``(n_steps, n_cells)`` in the order of
+    ``view.positions``, and the grid read."""
+
+    ids: list[int]
+    rows: torch.Tensor
+    view: GridView
 
 
 class AttendAndSegment:
@@ -72,13 +86,46 @@ class AttendAndSegment:
     ) -> None:
         self.model = model
         self.config = config
-        self.refiner = refiner if refiner is not None else build_refiner(config, device)
+        self.refiner = refiner if refiner is not None else refiner_from_config(config, device)
         self.spacy_model = config.spacy_model or default_spacy_model()
 
     def __call__(
         self, images: Sequence[Image.Image], prompts: str | Sequence[str] | None = None
     ) -> list[GroundedResponse]:
         """Ground ``images``, each asked ``prompts`` (one for all, one per image; default: the config's)."""
+        images, prompts = self._inputs(images, prompts)
+        results = []
+        for start in range(0, len(images), self.config.batch_size):
+            chunk = slice(start, start + self.config.batch_size)
+            results.extend(self._batch(images[chunk], prompts[chunk]))
+        return results
+
+    def generate_maps(
+        self, images: Sequence[Image.Image], prompts: str | Sequence[str] | None = None
+    ) -> list[ResponseMaps]:
+        """Greedy generation with the attention capture, ``config.batch_size`` images per call: per image its
+        generated ids and one raw attention row per generation step on the read grid (no phrases, no masks:
+        for evaluations that read the rows themselves, such as referring segmentation)."""
+        images, prompts = self._inputs(images, prompts)
+        out: list[ResponseMaps] = []
+        for start in range(0, len(images), self.config.batch_size):
+            chunk = slice(start, start + self.config.batch_size)
+            out.extend(self._generate(images[chunk], prompts[chunk]))
+        return out
+
+    def views(self, layouts: Sequence[ImageLayout], images: Sequence[Image.Image]) -> list[GridView]:
+        """The grid read of each layout (register tokens skipped as configured), checked against its image."""
+        views = [layout.with_registers(self.config.register_tokens).view() for layout in layouts]
+        for image, view in zip(images, views, strict=True):
+            if view.image_size != (image.height, image.width):
+                raise ValueError(
+                    f"the model's layout is for a {view.image_size} image, not {(image.height, image.width)}"
+                )
+        return views
+
+    def _inputs(
+        self, images: Sequence[Image.Image], prompts: str | Sequence[str] | None
+    ) -> tuple[list[Image.Image], list[str]]:
         images = [image.convert("RGB") for image in images]
         if prompts is None:
             prompts = self.config.prompt
@@ -86,59 +133,84 @@ class AttendAndSegment:
             prompts = [prompts] * len(images)
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        results = []
-        for start in range(0, len(images), self.config.batch_size):
-            chunk = slice(start, start + self.config.batch_size)
-            results.extend(self._batch(images[chunk], prompts[chunk]))
-        return results
+        return images, list(prompts)
 
     @torch.no_grad()
-    def _batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[GroundedResponse]:
+    def _generate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[ResponseMaps]:
         batch = self.model.prepare(images, prompts)
-        views = [layout.view() for layout in batch.layouts]
-        for image, view in zip(images, views, strict=True):
-            if view.image_size != (image.height, image.width):
-                raise ValueError(
-                    f"the model's layout is for a {view.image_size} image, not {(image.height, image.width)}"
-                )
+        views = self.views(batch.layouts, images)
         positions = [view.positions for view in views]
         with AttentionCapture(self.model.language_model, positions, layers=self.config.layers) as capture:
             new_tokens = self.model.generate(batch, self.config.max_new_tokens)
-        maps = capture.maps()
         return [
-            self._ground(image, ids, m, view)
-            for image, ids, m, view in zip(images, new_tokens.tolist(), maps, views, strict=True)
+            ResponseMaps(ids, rows, view)
+            for ids, rows, view in zip(new_tokens.tolist(), capture.maps(), views, strict=True)
         ]
 
-    def _ground(
-        self, image: Image.Image, ids: list[int], maps: torch.Tensor, view: GridView
-    ) -> GroundedResponse:
-        tokenizer = self.model.tokenizer
+    def _batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[GroundedResponse]:
+        return [
+            self._ground(image, r.ids, r.rows, r.view)
+            for image, r in zip(images, self._generate(images, prompts), strict=True)
+        ]
+
+    def phrases(
+        self, ids: list[int], maps: torch.Tensor, view: GridView
+    ) -> tuple[str, list[Phrase], torch.Tensor]:
+        """One response's caption, its noun phrases (normalised maps on the grid) and its tokens' raw maps.
+
+        ``ids`` are the generated ids (stop token and padding included) and ``maps`` one raw row per step.
+        """
         # The step that produced the stop token has a row in the mean map (the reference's), never in a phrase.
         n_tokens, n_rows = rows_including_stop(ids, self.model.stop_token_ids)
         ids = ids[:n_tokens]
         token_maps = view.to_grid(maps[: len(ids)])
-        text, offsets = response_token_offsets(tokenizer, ids)
+        text, offsets = response_token_offsets(self.model.tokenizer, ids)
         stripped = len(text) - len(text.lstrip())  # decoders may keep the space that led the first token
         text = text.strip()
         offsets = [(max(s - stripped, 0), max(e - stripped, 0)) for s, e in offsets]
         if not ids or not text:
-            return GroundedResponse(text, [], [], [], [], token_maps, view)
+            return text, [], token_maps
         normalised = normalize_response_maps(view.to_grid(maps[:n_rows]), n_tokens)
         phrases = group_phrases(
             text, offsets, normalised, self.config.combine, self.spacy_model, self.config.phrase_tokens
         )
-        upsampled = [view.render(p.map) for p in phrases]
+        return text, phrases, token_maps
+
+    def segment(
+        self, image: Image.Image, grid_maps: Sequence[torch.Tensor], view: GridView
+    ) -> tuple[list[tuple[int, int]], list[torch.Tensor], list[list[ScoredMask]]]:
+        """Phrase maps on the grid -> per phrase its point, its map on the image and the refiner's scored masks
+        (``remove_corner`` applied first when configured, over all of the image's phrase maps)."""
+        if not grid_maps:
+            return [], [], []
+        stacked = torch.stack(list(grid_maps))
+        if self.config.remove_corner:
+            stacked = remove_corner(stacked)
+        upsampled = [view.render(m) for m in stacked]
         points = [argmax_point(u) for u in upsampled]
-        masks = self.refiner(np.asarray(image), points, upsampled) if phrases else []
+        pixels = np.asarray(image.convert("RGB"))
+        if isinstance(self.refiner, PromptedSam):  # SAM's scores, and all three masks with more_masks
+            prompts = points if self.refiner.mode == "point" else None
+            scored = self.refiner.predict(pixels, upsampled, prompts)
+        else:
+            masks = self.refiner(pixels, points, upsampled)
+            scored = [[ScoredMask(np.asarray(m, dtype=bool), 1.0)] for m in masks]
+        return points, upsampled, scored
+
+    def _ground(
+        self, image: Image.Image, ids: list[int], maps: torch.Tensor, view: GridView
+    ) -> GroundedResponse:
+        text, phrases, token_maps = self.phrases(ids, maps, view)
+        points, _, scored = self.segment(image, [p.map for p in phrases], view)
         return GroundedResponse(
             caption=text,
             phrases=[p.text for p in phrases],
             points=points,
-            masks=[np.asarray(m, dtype=bool) for m in masks],
+            masks=[np.asarray(kept[-1].mask, dtype=bool) for kept in scored],
             maps=[p.map for p in phrases],
             token_maps=token_maps,
             view=view,
+            scored_masks=scored,
         )
 
 

@@ -145,6 +145,9 @@ class AttentionCapture:
         layers: average over these decoder layers only (indices into the language model's layers; negative
             ones count from the end). ``None``, the default and the reference's choice, averages all of them.
             Layers left out run their attention untouched and cost nothing extra.
+        own_positions: teacher-forced mode only. Row ``i`` is the query *at* response token ``i``'s own position
+            instead of the one that produces it (the reference's PNG maps: the last ``len(caption)`` query rows
+            of the prefill); the rows still run from ``response_start`` to the end of the sequence.
 
     In batched generation a sample that has emitted EOS keeps producing padding; ``maps()`` returns every
     generated step for every sample and trimming to each sample's real length is the caller's job. Unsupported:
@@ -160,6 +163,7 @@ class AttentionCapture:
         image_positions: Sequence[ImagePositions],
         response_start: int | Sequence[int] | None = None,
         layers: Sequence[int] | None = None,
+        own_positions: bool = False,
     ) -> None:
         positions = image_position_index(image_positions)
         self._positions = positions
@@ -185,6 +189,9 @@ class AttentionCapture:
             if len(starts) != len(positions) or min(starts) < 1:
                 raise ValueError(f"response_start must be >= 1 and one per sample, got {response_start}")
             self._response_starts = starts
+        if own_positions and response_start is None:
+            raise ValueError("own_positions is a teacher-forced option: give response_start too")
+        self._own_positions = own_positions
         self._lm = find_language_model(model)
         self._text_config = _text_config_of(self._lm)
         self._layers = None if layers is None else select_layers(layers, self._text_config.num_hidden_layers)
@@ -301,11 +308,14 @@ class AttentionCapture:
         else:
             if self._passes:
                 raise RuntimeError("teacher-forced AttentionCapture expects exactly one forward pass")
-            # The last position's query would produce a token beyond the given sequence: no row for it.
-            first_row, stop_row = min(self._response_starts) - 1, q_len - 1
+            if self._own_positions:
+                first_row, stop_row = min(self._response_starts), q_len
+            else:
+                # The last position's query would produce a token beyond the given sequence: no row for it.
+                first_row, stop_row = min(self._response_starts) - 1, q_len - 1
             if first_row >= stop_row:
                 raise ValueError(
-                    f"response_start {first_row + 1} leaves no response token in {q_len} positions"
+                    f"response_start {min(self._response_starts)} leaves no response token in {q_len} positions"
                 )
         rows = stop_row - first_row
 

@@ -18,6 +18,7 @@ PhraseTokens = Literal["root", "chunk"]
 Combine = Literal["max", "mean"]
 RefinerName = Literal["threshold", "sam"]
 SamType = Literal["vit_h", "vit_l", "vit_b"]
+SamMode = Literal["point", "mask"]
 REFINERS: tuple[str, ...] = get_args(RefinerName)
 
 
@@ -63,6 +64,32 @@ class AttendConfig:
         default=None,
         metadata=_help("spaCy pipeline for noun chunks; default: en_core_web_lg if installed, else small"),
     )
+    # The reference's other knobs (Shengcao-Cao/groundLMM aas/instance_seg.py, aas/gcg.py, aas/infer_attn*.py).
+    remove_corner: bool = dataclasses.field(
+        default=False,
+        metadata=_help(
+            "set the four corner cells of every phrase map to the minimum of the image's phrase maps before "
+            "upsampling (attention sinks sit there)"
+        ),
+    )
+    sam_mode: SamMode = dataclasses.field(
+        default="point",
+        metadata=_help(
+            "how SAM is prompted: point (the map's peak) or mask (the map / 0.0002 as mask logits plus the box "
+            "where it exceeds 0.75); needs refiner sam"
+        ),
+    )
+    more_masks: bool = dataclasses.field(
+        default=False,
+        metadata=_help(
+            "keep all three SAM masks per phrase, scored by SAM's predicted IoU (instance segmentation); "
+            "needs refiner sam"
+        ),
+    )
+    register_tokens: int = dataclasses.field(
+        default=0,
+        metadata=_help("tokens at the start of each image block that are registers, not grid cells: skipped"),
+    )
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -73,6 +100,12 @@ class AttendConfig:
             raise ValueError("layers must name at least one decoder layer, or be null for all of them")
         if self.refiner == "sam" and not self.sam_checkpoint:
             raise ValueError("refiner is 'sam' but sam_checkpoint is unset")
+        if self.register_tokens < 0:
+            raise ValueError(f"register_tokens must be >= 0, got {self.register_tokens}")
+        if self.sam_mode != "point" and self.refiner != "sam":
+            raise ValueError(f"sam_mode {self.sam_mode!r} needs refiner 'sam', not {self.refiner!r}")
+        if self.more_masks and self.refiner != "sam":
+            raise ValueError(f"more_masks needs refiner 'sam' (SAM's three masks), not {self.refiner!r}")
 
     def attend_settings(self) -> AttendConfig:
         """Just the attend-and-segment settings (a subclass's extra fields dropped)."""

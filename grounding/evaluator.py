@@ -21,7 +21,8 @@ from grounding.config import GroundingEvalConfig
 from grounding.evaluate import evaluate_gcg
 from grounding.metrics import PhrasePointingAccuracy
 from grounding.protocol import GroundableModel
-from grounding.segment import Refiner, build_refiner
+from grounding.sam_prompts import refiner_from_config
+from grounding.segment import Refiner
 
 
 @dataclasses.dataclass
@@ -123,7 +124,7 @@ class GroundingEvaluator:
 
     def _get_refiner(self) -> Refiner:
         if self._refiner is None:
-            self._refiner = build_refiner(self.config)
+            self._refiner = refiner_from_config(self.config)
         return self._refiner
 
 

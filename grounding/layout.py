@@ -61,6 +61,8 @@ class Block:
         box: the image region the grid covers, dropped columns excluded (see :data:`Box`).
         drop_columns: grid columns that are not image cells (LLaVA-NeXT's newline token: ``(w - 1,)``).
         tile: ``(row, col)`` of this block among the blocks of its name that stitch into one grid.
+        registers: how many of ``positions``' first entries are register tokens (a ViT's extra tokens that
+            precede the grid), not grid cells; ``positions`` then holds ``registers + h * w`` entries.
     """
 
     name: str
@@ -69,15 +71,20 @@ class Block:
     box: Box
     drop_columns: tuple[int, ...] = ()
     tile: tuple[int, int] | None = None
+    registers: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "positions", _as_positions(self.positions))
         object.__setattr__(self, "grid", (int(self.grid[0]), int(self.grid[1])))
         object.__setattr__(self, "box", tuple(float(v) for v in self.box))
         h, w = self.grid
-        if h <= 0 or w <= 0 or len(self.positions) != h * w:
+        if self.registers < 0:
+            raise ValueError(f"block {self.name!r}: registers must be >= 0, got {self.registers}")
+        if h <= 0 or w <= 0 or len(self.positions) != self.registers + h * w:
+            extra = f" after {self.registers} register tokens" if self.registers else ""
             raise ValueError(
-                f"block {self.name!r}: {len(self.positions)} positions do not fill a {h}x{w} grid"
+                f"block {self.name!r}: {len(self.positions) - self.registers} positions{extra} do not fill a "
+                f"{h}x{w} grid"
             )
         if any(not 0 <= c < w for c in self.drop_columns) or len(set(self.drop_columns)) >= w:
             raise ValueError(f"block {self.name!r}: drop_columns {self.drop_columns} invalid for width {w}")
@@ -91,10 +98,10 @@ class Block:
         return self.grid[0], self.grid[1] - len(self.drop_columns)
 
     def kept_positions(self) -> torch.Tensor:
-        """The image cells' positions, row-major over :attr:`kept_grid`."""
+        """The image cells' positions, row-major over :attr:`kept_grid` (registers and dropped columns out)."""
         h, w = self.grid
         keep = [c for c in range(w) if c not in self.drop_columns]
-        return self.positions.view(h, w)[:, keep].reshape(-1)
+        return self.positions[self.registers :].view(h, w)[:, keep].reshape(-1)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -164,6 +171,30 @@ class ImageLayout:
 
     def with_read(self, read: str) -> ImageLayout:
         return dataclasses.replace(self, read=read)
+
+    def with_registers(self, count: int) -> ImageLayout:
+        """This layout for a model that puts ``count`` register tokens at the start of every image block, before
+        the grid this layout describes (the reference's ``--reg-tokens``: the grid starts ``count`` tokens after
+        the image's first token). Each block's grid moves ``count`` positions later per block up to and
+        including it; the tokens it moved over become its registers. Blocks that already declare registers are
+        left as they are when they declare ``count`` of them (the model's adapter knew), refused otherwise.
+        """
+        if count < 0:
+            raise ValueError(f"register tokens must be >= 0, got {count}")
+        if count == 0:
+            return self
+        if all(b.registers == count for b in self.blocks):
+            return self
+        if any(b.registers for b in self.blocks):
+            declared = sorted({b.registers for b in self.blocks})
+            raise ValueError(f"the model's layout already declares {declared} register tokens, not {count}")
+        blocks, shift = [], 0
+        for b in self.blocks:
+            start = int(b.positions[0]) + shift
+            shift += count
+            positions = torch.cat([torch.arange(start, start + count), b.positions + shift])
+            blocks.append(dataclasses.replace(b, positions=positions, registers=count))
+        return dataclasses.replace(self, blocks=tuple(blocks))
 
     def view(self) -> GridView:
         chosen = [b for b in self.blocks if b.name == self.read]

@@ -62,6 +62,8 @@ class Phrase:
     char_span: tuple[int, int]
     token_indices: tuple[int, ...]
     map: torch.Tensor
+    #: The chunk's root word (what the reference matches to a category in instance segmentation).
+    root: str = ""
 
 
 @functools.lru_cache(maxsize=4)
@@ -133,7 +135,13 @@ def group_phrases(
         selected = maps[list(members)]
         combined = selected.amax(dim=0) if combine == "max" else selected.mean(dim=0)
         phrases.append(
-            Phrase(text=chunk.text, char_span=chunk.char_span, token_indices=members, map=combined)
+            Phrase(
+                text=chunk.text,
+                char_span=chunk.char_span,
+                token_indices=members,
+                map=combined,
+                root=text[chunk.root_span[0] : chunk.root_span[1]],
+            )
         )
     return phrases
 

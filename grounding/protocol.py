@@ -58,3 +58,6 @@ class GroundableModel(Protocol):
 
     def generate(self, batch: PreparedBatch, max_new_tokens: int) -> Tensor:
         """Greedy generation; returns (B, T) new token ids, padded after each sample's EOS."""
+
+    def forward(self, batch: PreparedBatch) -> None:
+        """One forward pass over ``batch`` (teacher forcing: ``grounding.teacher_forcing``); no cache kept."""

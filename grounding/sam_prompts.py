@@ -22,9 +22,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from grounding.segment import argmax_point
+from grounding.config import AttendConfig
+from grounding.segment import Refiner, argmax_point, build_refiner
 
-__all__ = ["SAM_MODES", "PromptedSam", "ScoredMask", "remove_corner", "sam_boxes", "sam_mask_logits"]
+__all__ = [
+    "SAM_MODES",
+    "PromptedSam",
+    "ScoredMask",
+    "refiner_from_config",
+    "remove_corner",
+    "sam_boxes",
+    "sam_mask_logits",
+]
 
 SAM_MODES = ("point", "mask")
 SamMode = Literal["point", "mask"]
@@ -179,3 +188,20 @@ class PromptedSam:
         maps: Sequence[torch.Tensor | np.ndarray],
     ) -> list[np.ndarray]:
         return [kept[-1].mask for kept in self.predict(image, maps, points if self.mode == "point" else None)]
+
+
+def refiner_from_config(config: AttendConfig, device: str | torch.device = "cpu") -> Refiner:
+    """The refiner ``config`` names, SAM prompted as the reference's scripts do.
+
+    ``refiner: sam`` gives a :class:`PromptedSam` (all of an image's phrases in one ``predict_torch`` call, by
+    point or, with ``sam_mode: mask``, by the map; ``more_masks`` keeps SAM's three masks with their predicted
+    IoUs); any other refiner is ``grounding.segment.build_refiner``'s. (It lives here, not in ``segment``,
+    because this module builds on ``segment``.)
+    """
+    if config.refiner == "sam":
+        if not config.sam_checkpoint:
+            raise ValueError("refiner 'sam' needs a SAM checkpoint (sam_checkpoint / --sam)")
+        return PromptedSam.from_checkpoint(
+            config.sam_checkpoint, config.sam_type, device, mode=config.sam_mode, more_masks=config.more_masks
+        )
+    return build_refiner(config, device)

@@ -293,6 +293,8 @@ def build_refiner(config: AttendConfig, device: str | torch.device = "cpu") -> R
     if config.refiner == "sam":
         if not config.sam_checkpoint:
             raise ValueError("refiner 'sam' needs a SAM checkpoint (sam_checkpoint / --sam)")
+        if config.sam_mode != "point" or config.more_masks:  # SamRefiner prompts points and keeps one mask
+            raise ValueError("sam_mode/more_masks need grounding.sam_prompts.refiner_from_config")
         return SamRefiner(checkpoint=config.sam_checkpoint, model_type=config.sam_type, device=device)
     if config.refiner == "threshold":
         return ThresholdRefiner()

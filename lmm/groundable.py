@@ -34,6 +34,15 @@ def single_block_layouts(
     ]
 
 
+@torch.no_grad()
+def forward_prompts(model: LMM, batch: PromptBatch) -> None:
+    """One forward pass of the language model over ``batch`` (its images embedded), for teacher forcing."""
+    embeds = model.embed_inputs(batch.input_ids, batch.images)
+    model.llm.model(
+        inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=1
+    )
+
+
 class LMMGrounding:
     """A model trained here, prompted with ``template`` and its images fitted with ``aspect``."""
 
@@ -74,6 +83,9 @@ class LMMGrounding:
         return self.model.generate_from(
             batch.inputs, max_new_tokens=max_new_tokens, eos_token_id=self.stop_token_ids
         )
+
+    def forward(self, batch: PreparedBatch) -> None:
+        forward_prompts(self.model, batch.inputs)
 
 
 class LlavaGrounding:
@@ -126,3 +138,6 @@ class LlavaGrounding:
         return self.model.generate_from(
             batch.inputs, max_new_tokens=max_new_tokens, eos_token_id=self.stop_token_ids
         )
+
+    def forward(self, batch: PreparedBatch) -> None:
+        forward_prompts(self.model, batch.inputs)

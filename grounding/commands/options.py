@@ -40,6 +40,8 @@ def add_attend_arguments(
             hint = next(a for a in typing.get_args(hint) if a is not type(None))
         if typing.get_origin(hint) is typing.Literal:
             kwargs["choices"] = typing.get_args(hint)
+        elif hint is bool:  # --remove-corner / --no-remove-corner; unset stays None (the base decides)
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is list:
             kwargs.update(type=typing.get_args(hint)[0], nargs="+", metavar="L")
         elif hint in (int, float):

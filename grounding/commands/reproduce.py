@@ -9,6 +9,12 @@ evaluates them with ``grounding.evaluate.evaluate_gcg`` (AP50, mIoU, mask recall
 the measured numbers beside the paper's. Rerunning the same command resumes: images whose prediction file
 exists are not redone, and a run whose settings differ from the ones recorded in ``OUT/settings.json`` stops
 instead of mixing predictions. ``granddf-from-shapes`` lays a shapes-world validation set out as GranD-f.
+
+The paper's other evaluations are sibling commands with the same model options, resumability, ``--ids`` and
+``--processes`` (every GPU at once, ``grounding.commands.sharded``): ``png`` (panoptic narrative grounding,
+``grounding.commands.reproduce_png``), ``res`` (RefCOCO/+/g referring segmentation,
+``grounding.commands.reproduce_res``) and ``instance`` (COCO instance segmentation,
+``grounding.commands.reproduce_instance``).
 """
 
 from __future__ import annotations
@@ -19,30 +25,32 @@ import json
 import os
 import shutil
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from grounding.coco_io import GCGGroundTruth, GroundingInputError, gcg_prediction_path, write_gcg_prediction
 from grounding.commands.models import (
-    ModelLoadError,
     add_model_arguments,
-    load_model,
     model_source,
     resolve_device,
 )
 from grounding.commands.options import add_attend_arguments, attend_settings, describe
+from grounding.commands.reproduce_common import (
+    ReproduceError,
+    absolute,
+    base_settings,
+    load_for_work,
+    run_work,
+    select_ids,
+)
+from grounding.commands.reproduce_instance import add_instance_parser
+from grounding.commands.reproduce_png import add_png_parser
+from grounding.commands.reproduce_res import add_res_parser
 from grounding.commands.settings_file import SettingsMismatch, check_settings
+from grounding.commands.sharded import add_parallel_arguments
 from grounding.config import AttendConfig
 from grounding.granddf import PAPER, PAPER_ROW, SPLITS, GranDfSplit, granddf_from_shapes, locate_granddf
-
-#: The paper's GCG settings (the reference's final scripts); the refiner is SAM ViT-H once --sam is given.
-PAPER_SETTINGS = AttendConfig()
-
-
-class ReproduceError(Exception):
-    """A problem with the inputs; reported as one ``error:`` line (exit status 2)."""
 
 
 def _subset(gt: GCGGroundTruth, ids: Sequence[Any]) -> GCGGroundTruth:
@@ -56,11 +64,9 @@ def _subset(gt: GCGGroundTruth, ids: Sequence[Any]) -> GCGGroundTruth:
 def ground_images(
     args: argparse.Namespace, settings: AttendConfig, data: GranDfSplit, ids: Sequence[Any], pred_dir: Path
 ) -> dict:
-    """Ground every image of ``ids`` without a prediction file; returns timing of the work done."""
-    from PIL import Image
-    from tqdm import tqdm
-
-    from grounding.attend import AttendAndSegment
+    """Ground every image of ``ids`` without a prediction file, on every device at once
+    (``grounding.commands.sharded``); returns timing of the work done."""
+    import functools
 
     todo = [i for i in ids if not gcg_prediction_path(pred_dir, i).is_file()]
     print(
@@ -68,35 +74,35 @@ def ground_images(
     )
     if not todo:
         return {"images": 0}
-    try:
-        loaded = load_model(args, PAPER_SETTINGS)
-    except ModelLoadError as err:
-        raise ReproduceError(str(err)) from None
-    pipeline = AttendAndSegment(loaded.model, settings, device=args.device)
-    start = time.perf_counter()
-    step = settings.batch_size
-    with tqdm(total=len(todo), desc=f"grounding {data.split}", unit="img") as bar:
-        for first in range(0, len(todo), step):
-            chunk = todo[first : first + step]
-            pictures = []
-            for image_id in chunk:
-                with Image.open(data.images[image_id]) as image:
-                    pictures.append(image.convert("RGB"))
-            for image_id, result in zip(chunk, pipeline(pictures), strict=True):
-                write_gcg_prediction(gcg_prediction_path(pred_dir, image_id), result.to_gcg(image_id))
-            bar.update(len(chunk))
-            bar.set_postfix(images_per_min=f"{60.0 * bar.n / max(time.perf_counter() - start, 1e-9):.1f}")
-    seconds = time.perf_counter() - start
-    rate = 60.0 * len(todo) / max(seconds, 1e-9)
-    timing = {"images": len(todo), "seconds": seconds, "images_per_minute": rate, "batch_size": step}
-    peak = ""
-    if str(args.device).startswith("cuda"):
-        import torch
+    work = functools.partial(_ground_gcg, settings, data, pred_dir)
+    return run_work(args, todo, work, pred_dir, f"grounding {data.split}", settings.batch_size)
 
-        timing["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30  # weights included
-        peak = f", peak GPU memory {timing['peak_gpu_gib']:.1f} GiB"
-    print(f"grounded {len(todo)} images in {seconds:.1f} s ({rate:.2f} images/min at batch {step}{peak})")
-    return timing
+
+def _ground_gcg(
+    settings: AttendConfig,
+    data: GranDfSplit,
+    pred_dir: Path,
+    args: argparse.Namespace,
+    todo: list[Any],
+    progress: Any,
+) -> None:
+    """One process's share of GCG: load the model on ``args.device``, ground ``todo`` batch by batch."""
+    from PIL import Image
+
+    from grounding.attend import AttendAndSegment
+
+    pipeline = AttendAndSegment(load_for_work(args), settings, device=args.device)
+    progress(0)
+    step = settings.batch_size
+    for first in range(0, len(todo), step):
+        chunk = todo[first : first + step]
+        pictures = []
+        for image_id in chunk:
+            with Image.open(data.images[image_id]) as image:
+                pictures.append(image.convert("RGB"))
+        for image_id, result in zip(chunk, pipeline(pictures), strict=True):
+            write_gcg_prediction(gcg_prediction_path(pred_dir, image_id), result.to_gcg(image_id))
+        progress(len(chunk))
 
 
 def _fmt(value: float | None, scale: float = 100.0) -> str:
@@ -143,7 +149,7 @@ def run_gcg(args: argparse.Namespace) -> dict[str, Any]:
         args.refiner = "sam"  # the paper's
     if args.refiner == "sam" and args.sam_checkpoint is None:
         raise ReproduceError("--refiner sam (the paper's) needs --sam CHECKPOINT (sam_vit_h_4b8939.pth)")
-    settings = attend_settings(args, _base_settings(args))
+    settings = attend_settings(args, base_settings(args))
     if settings.refiner == "sam" and not Path(settings.sam_checkpoint).is_file():
         raise ReproduceError(f"--sam {settings.sam_checkpoint}: file not found")
     if settings.spacy_model is None:  # resolved now, so settings.json records the real one
@@ -160,6 +166,8 @@ def run_gcg(args: argparse.Namespace) -> dict[str, Any]:
     data = locate_granddf(args.granddf, args.split)
     gt = load_gcg_ground_truth(data.mask_file, data.caption_file)
     ids = list(gt.eval_ids)
+    ids = select_ids(ids, args)
+    gt = _subset(gt, ids)
     if args.limit is not None:
         ids = ids[: args.limit]
         gt = _subset(gt, ids)
@@ -171,7 +179,7 @@ def run_gcg(args: argparse.Namespace) -> dict[str, Any]:
         **model_source(args),
         "split": args.split,
         **dataclasses.asdict(settings),
-        "sam_checkpoint": _absolute(settings.sam_checkpoint),
+        "sam_checkpoint": absolute(settings.sam_checkpoint),
     }
     try:
         check_settings(out, recorded, ignore=("batch_size",), predictions="predictions")
@@ -197,19 +205,6 @@ def run_gcg(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _base_settings(args: argparse.Namespace) -> AttendConfig:
-    """What unset options default to: the paper's settings, or a trained run's own grounding settings."""
-    if args.run is None:
-        return PAPER_SETTINGS
-    from lmm.run_dir import RunDir
-
-    return RunDir(args.run).read_config().grounding.attend_settings()
-
-
-def _absolute(path: Any) -> str | None:
-    return None if path is None else str(Path(path).resolve())
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m grounding reproduce", description=__doc__.split("\n\n")[0]
@@ -227,8 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--no-caption-metrics", action="store_true", help="skip METEOR/CIDEr (no Java needed)")
     g.add_argument("--limit", type=int, default=None, help="only the first N images (smoke tests, timing)")
+    add_parallel_arguments(g)
     add_attend_arguments(g, "the paper's: refiner sam (needs --sam), 512 new tokens, root/max grouping")
     g.set_defaults(handler=run_gcg)
+
+    add_png_parser(sub)
+    add_res_parser(sub)
+    add_instance_parser(sub)
 
     s = sub.add_parser("granddf-from-shapes", help="lay a shapes world's GCG val set out as GranD-f")
     s.add_argument(
@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    if args.command == "gcg":
+    if args.command in ("gcg", "png", "res", "instance"):
         resolve_device(args)
     try:
         args.handler(args)

