@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -41,13 +40,15 @@ from grounding.commands.reproduce_common import (
     absolute,
     base_settings,
     load_for_work,
+    pending,
+    predictions_folder,
     run_work,
     select_ids,
+    write_report,
 )
 from grounding.commands.reproduce_instance import add_instance_parser
 from grounding.commands.reproduce_png import add_png_parser
 from grounding.commands.reproduce_res import add_res_parser
-from grounding.commands.settings_file import SettingsMismatch, check_settings
 from grounding.commands.sharded import add_parallel_arguments
 from grounding.config import AttendConfig
 from grounding.granddf import PAPER, PAPER_ROW, SPLITS, GranDfSplit, granddf_from_shapes, locate_granddf
@@ -68,10 +69,7 @@ def ground_images(
     (``grounding.commands.sharded``); returns timing of the work done."""
     import functools
 
-    todo = [i for i in ids if not gcg_prediction_path(pred_dir, i).is_file()]
-    print(
-        f"{len(ids)} images in GranD-f {data.split}: {len(ids) - len(todo)} already done, {len(todo)} to ground"
-    )
+    todo = pending(ids, functools.partial(gcg_prediction_path, pred_dir), f"images in GranD-f {data.split}")
     if not todo:
         return {"images": 0}
     work = functools.partial(_ground_gcg, settings, data, pred_dir)
@@ -181,11 +179,7 @@ def run_gcg(args: argparse.Namespace) -> dict[str, Any]:
         **dataclasses.asdict(settings),
         "sam_checkpoint": absolute(settings.sam_checkpoint),
     }
-    try:
-        check_settings(out, recorded, ignore=("batch_size",), predictions="predictions")
-    except SettingsMismatch as err:
-        raise ReproduceError(str(err)) from None
-    pred_dir = out / "predictions"
+    pred_dir = predictions_folder(out, recorded)
     timing = ground_images(args, settings, data, ids, pred_dir)
 
     predictions, _missing = load_gcg_predictions(pred_dir, ids) if pred_dir.is_dir() else ({}, ids)
@@ -200,8 +194,7 @@ def run_gcg(args: argparse.Namespace) -> dict[str, Any]:
         "paper": {label: values[args.split] for label, values in paper_rows},
         "timing": timing,
     }
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    print(f"wrote {out / 'metrics.json'}")
+    write_report(out, report)
     return report
 
 

@@ -5,12 +5,14 @@ the table of measured numbers beside the paper's."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from grounding.commands.models import ModelLoadError, load_model
-from grounding.commands.sharded import ShardFailed, read_ids, run_sharded
+from grounding.commands.settings_file import SettingsMismatch, check_settings
+from grounding.commands.sharded import ShardFailed, read_ids, run_sharded, write_json_atomic
 from grounding.config import AttendConfig
 
 __all__ = [
@@ -19,9 +21,13 @@ __all__ = [
     "absolute",
     "base_settings",
     "load_for_work",
+    "pending",
+    "predictions_folder",
     "print_rows",
+    "read_predictions",
     "run_work",
     "select_ids",
+    "write_report",
 ]
 
 #: The paper's GCG settings (the reference's final scripts); the refiner is SAM ViT-H once --sam is given.
@@ -64,6 +70,39 @@ def run_work(
         f"per min at batch {batch_size}, {timing['processes']} process(es){peak})"
     )
     return timing
+
+
+def predictions_folder(out: Path, recorded: Mapping[str, Any]) -> Path:
+    """``out/predictions``, once the settings recorded in ``out`` are checked against ``recorded`` (written there
+    on a first run): predictions made with other settings are never mixed into one result."""
+    try:
+        check_settings(out, dict(recorded), ignore=("batch_size",), predictions="predictions")
+    except SettingsMismatch as err:
+        raise ReproduceError(str(err)) from None
+    return out / "predictions"
+
+
+def pending(ids: Sequence[Any], path_of: Callable[[Any], Path], noun: str) -> list[Any]:
+    """The ``ids`` without a prediction file yet (a rerun resumes there), and a line saying how many."""
+    todo = [i for i in ids if not path_of(i).is_file()]
+    print(f"{len(ids)} {noun}: {len(ids) - len(todo)} already done, {len(todo)} to ground")
+    return todo
+
+
+def read_predictions(ids: Sequence[Any], path_of: Callable[[Any], Path], field: str) -> dict[Any, Any]:
+    """``field`` of each of ``ids``' prediction files that exists (an id without one is left out)."""
+    found = {}
+    for i in ids:
+        path = path_of(i)
+        if path.is_file():
+            found[i] = json.loads(path.read_text(encoding="utf-8"))[field]
+    return found
+
+
+def write_report(out: Path, report: Mapping[str, Any]) -> None:
+    """``out/metrics.json``, replaced atomically."""
+    write_json_atomic(out / "metrics.json", report, indent=2)
+    print(f"wrote {out / 'metrics.json'}")
 
 
 def select_ids(ids: Sequence[Any], args: argparse.Namespace) -> list[Any]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,14 @@ from grounding.commands.reproduce_common import (
     absolute,
     base_settings,
     load_for_work,
+    pending,
+    predictions_folder,
     print_rows,
+    read_predictions,
     run_work,
     select_ids,
+    write_report,
 )
-from grounding.commands.settings_file import SettingsMismatch, check_settings
 from grounding.commands.sharded import add_parallel_arguments, write_json_atomic
 from grounding.config import AttendConfig
 
@@ -162,11 +164,7 @@ def run_instance(args: argparse.Namespace) -> dict[str, Any]:
         "category_model": matcher_model,
         "category_thresh": args.category_thresh,
     }
-    try:
-        check_settings(out, recorded, ignore=("batch_size",), predictions="predictions")
-    except SettingsMismatch as err:
-        raise ReproduceError(str(err)) from None
-    pred_dir = out / "predictions"
+    pred_dir = predictions_folder(out, recorded)
     by_id = {im.image_id: im for im in gt.images}
     # Images without any GT category cannot match a phrase (the reference skips them): no detections, no model.
     for i in ids:
@@ -174,8 +172,7 @@ def run_instance(args: argparse.Namespace) -> dict[str, Any]:
             write_json_atomic(
                 prediction_path(pred_dir, i), {"image_id": i, "caption": None, "detections": []}
             )
-    todo = [i for i in ids if not prediction_path(pred_dir, i).is_file()]
-    print(f"{len(ids)} images: {len(ids) - len(todo)} already done, {len(todo)} to ground")
+    todo = pending(ids, functools.partial(prediction_path, pred_dir), "images")
     timing: dict[str, Any] = {"images": 0}
     if todo:
         work = functools.partial(
@@ -190,12 +187,8 @@ def run_instance(args: argparse.Namespace) -> dict[str, Any]:
         )
         timing = run_work(args, todo, work, pred_dir, "COCO instances", settings.batch_size)
 
-    per_image = []
-    for i in ids:
-        path = prediction_path(pred_dir, i)
-        if path.is_file():
-            per_image.append(json.loads(path.read_text(encoding="utf-8"))["detections"])
-    results = results_json(per_image)
+    detections = read_predictions(ids, functools.partial(prediction_path, pred_dir), "detections")
+    results = results_json(list(detections.values()))
     results_file = out / "results.json"
     write_json_atomic(results_file, results)
     gt_file = args.annotations
@@ -211,8 +204,7 @@ def run_instance(args: argparse.Namespace) -> dict[str, Any]:
         [(f"measured: {name}", result)],
     )
     report = {**result, "model": name, "results": str(results_file), "timing": timing}
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    print(f"wrote {out / 'metrics.json'}")
+    write_report(out, report)
     return report
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,14 @@ from grounding.commands.reproduce_common import (
     absolute,
     base_settings,
     load_for_work,
+    pending,
+    predictions_folder,
     print_rows,
+    read_predictions,
     run_work,
     select_ids,
+    write_report,
 )
-from grounding.commands.settings_file import SettingsMismatch, check_settings
 from grounding.commands.sharded import add_parallel_arguments, write_json_atomic
 from grounding.config import AttendConfig
 from grounding.png_data import PNGFiles, PNGNarrative
@@ -193,23 +195,14 @@ def run_png(args: argparse.Namespace) -> dict[str, Any]:
         "masks": "panoptic prediction" if panoptic_pred else settings.refiner,
         "panoptic_pred": absolute(panoptic_pred),
     }
-    try:
-        check_settings(out, recorded, ignore=("batch_size",), predictions="predictions")
-    except SettingsMismatch as err:
-        raise ReproduceError(str(err)) from None
-    pred_dir = out / "predictions"
-    todo = [i for i in indices if not prediction_path(pred_dir, i).is_file()]
-    print(f"{len(indices)} narratives: {len(indices) - len(todo)} already done, {len(todo)} to ground")
+    pred_dir = predictions_folder(out, recorded)
+    todo = pending(indices, functools.partial(prediction_path, pred_dir), "narratives")
     timing: dict[str, Any] = {"images": 0}
     if todo:
         work = functools.partial(_work, settings, by_index, files, args.aggregation, panoptic_pred, pred_dir)
         timing = run_work(args, todo, work, pred_dir, "PNG narratives", settings.batch_size)
 
-    predictions = {}
-    for i in indices:
-        path = prediction_path(pred_dir, i)
-        if path.is_file():
-            predictions[i] = json.loads(path.read_text(encoding="utf-8"))["pred_masks"]
+    predictions = read_predictions(indices, functools.partial(prediction_path, pred_dir), "pred_masks")
     gt = png_ground_truth(chosen, files.panoptic_dir)
     result = evaluate_png(gt, png_predictions_by_image(chosen, predictions))
     name = args.model or f"run {Path(args.run).name}"
@@ -220,8 +213,7 @@ def run_png(args: argparse.Namespace) -> dict[str, Any]:
         [(f"measured: {name}", result)],
     )
     report = {**result, "model": name, "n_narratives": len(chosen), "timing": timing}
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    print(f"wrote {out / 'metrics.json'}")
+    write_report(out, report)
     return report
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,11 +29,14 @@ from grounding.commands.reproduce_common import (
     absolute,
     base_settings,
     load_for_work,
+    pending,
+    predictions_folder,
     print_rows,
+    read_predictions,
     run_work,
     select_ids,
+    write_report,
 )
-from grounding.commands.settings_file import SettingsMismatch, check_settings
 from grounding.commands.sharded import add_parallel_arguments, write_json_atomic
 from grounding.config import AttendConfig
 from grounding.refcoco_data import REFER_DATASETS, Proposals, ReferringExpression
@@ -235,13 +237,8 @@ def run_res(args: argparse.Namespace) -> dict[str, Any]:
         "first_tokens": args.first_tokens,
         "proposals": absolute(args.proposals),
     }
-    try:
-        check_settings(out, recorded, ignore=("batch_size",), predictions="predictions")
-    except SettingsMismatch as err:
-        raise ReproduceError(str(err)) from None
-    pred_dir = out / "predictions"
-    todo = [i for i in ids if not prediction_path(pred_dir, i).is_file()]
-    print(f"{len(ids)} expressions: {len(ids) - len(todo)} already done, {len(todo)} to ground")
+    pred_dir = predictions_folder(out, recorded)
+    todo = pending(ids, functools.partial(prediction_path, pred_dir), "expressions")
     timing: dict[str, Any] = {"images": 0}
     if todo:
         work = functools.partial(
@@ -257,11 +254,8 @@ def run_res(args: argparse.Namespace) -> dict[str, Any]:
         )
         timing = run_work(args, todo, work, pred_dir, f"{args.dataset} {args.split}", settings.batch_size)
 
-    predictions = {}
-    for i in ids:
-        path = prediction_path(pred_dir, i)
-        if path.is_file():
-            predictions[str(i)] = json.loads(path.read_text(encoding="utf-8"))["segmentation"]
+    found = read_predictions(ids, functools.partial(prediction_path, pred_dir), "segmentation")
+    predictions = {str(i): segmentation for i, segmentation in found.items()}
     result = evaluate_res({str(e.sent_id): e.mask for e in chosen}, predictions)
     name = args.model or f"run {Path(args.run).name}"
     rows = [(f"measured: {name}", result)]
@@ -275,8 +269,7 @@ def run_res(args: argparse.Namespace) -> dict[str, Any]:
         rows,
     )
     report = {**result, "dataset": args.dataset, "split": args.split, "model": name, "timing": timing}
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    print(f"wrote {out / 'metrics.json'}")
+    write_report(out, report)
     return report
 
 

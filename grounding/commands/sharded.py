@@ -86,12 +86,12 @@ def process_count(args: argparse.Namespace) -> int:
     return 1
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
+def write_json_atomic(path: Path, payload: Any, indent: int | None = None) -> None:
     """Write JSON so that a killed run never leaves a half file a resumed run would take as done."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(payload, allow_nan=False) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(payload, indent=indent, allow_nan=False) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
