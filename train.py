@@ -86,10 +86,21 @@ def main(argv: list[str] | None = None) -> int:
     if config.trainer.num_threads:
         torch.set_num_threads(config.trainer.num_threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
+    start = time.perf_counter()
+    prepared = []
     if config.data.shapes is not None:
         from datamodules.shapes import ensure_world
 
         ensure_world(config.data.shapes, Path(config.data.root))
+        prepared.append({"stage": "world", "seconds": round(time.perf_counter() - start, 1)})
+    # In-world pretrained visual towers (encoder.pretrain): trained once into the tower cache, then reused.
+    from lmm.towers import ensure_towers
+
+    config, tower_stages = ensure_towers(config)
+    prepared += tower_stages
+    if tower_stages:
+        run.write_config(config)  # now naming the cached tower files the encoder loads
+        L.seed_everything(config.seed, workers=True, verbose=False)
     if requeue is not None:
         log.info(
             "SLURM job %s, restart %s: SIGUSR1 saves a checkpoint at the next optimizer step and requeues",
@@ -97,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.get("SLURM_RESTART_COUNT", "0"),
         )
 
-    start = time.perf_counter()
     model = build_model(config)
     try:
         summaries = [run_stage(config, model, name, requeue) for name in config.run_stages]
@@ -105,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s; SLURM requeued the job, exiting", done)
         return 0
     qa = run_qa_eval(config, model)
-    report = {"stages": summaries, "seconds": round(time.perf_counter() - start, 1)}
+    report = {"stages": prepared + summaries, "seconds": round(time.perf_counter() - start, 1)}
     if qa is not None:
         report["qa_accuracy"] = qa["accuracy"]
     run.summary_file.write_text(json.dumps(report, indent=1))
