@@ -73,13 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     import lightning as L
     import torch
 
-    from lmm.build import build_model
+    from lmm.build import build_model, with_initial_weights
     from lmm.qa_eval import run_qa_eval
     from lmm.run_dir import RunDir
     from lmm.training import run_stage
 
     run = RunDir(config.run_dir)
     setup_logging(run.log_file)
+    config = with_initial_weights(config, run.init_dir)
     run.write_config(config)
     log.info("run directory %s", run.path)
     torch.set_float32_matmul_precision("high")
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.get("SLURM_RESTART_COUNT", "0"),
         )
 
-    model = build_model(config)
+    model = build_model(config, run.init_dir)
     try:
         summaries = [run_stage(config, model, name, requeue) for name in config.run_stages]
     except Requeued as done:

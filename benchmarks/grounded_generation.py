@@ -2,7 +2,14 @@
 
 A random LlamaForCausalLM (``--shape small``: 8 layers, width 512, 8 heads; ``--shape vicuna7b``: the
 Vicuna-7B shape, for a GPU) generates 64 new tokens (``min_new_tokens = max_new_tokens``, so every step
-runs) from ``inputs_embeds`` of 576 image tokens + 50 prompt tokens, at batch 1 and 8, three ways:
+runs) from ``inputs_embeds`` of 576 image tokens + 50 prompt tokens, at batch 1 and 8, in two cases:
+
+- ``uniform``: every sample's image at the same place (one slice of the keys);
+- ``mixed``: images of different sizes in one batch, as Qwen-VL or LLaVA-NeXT produce them: sample b has
+  ``MIXED_SCALES[b % 3]`` times the image tokens (576, 324, 900 by default), the batch left-padded to the
+  longest, and the capture given each sample's positions as a tensor (a gather, the general path);
+
+and three ways:
 
 - ``plain``: SDPA, no capture (the floor);
 - ``capture``: SDPA wrapped by ``grounding.capture.AttentionCapture``, maps moved to the CPU at the end;
@@ -22,7 +29,7 @@ memory allocated before (everything the runs allocate, outputs included); on CPU
 warm-up generation that loads libraries and thread pools). On CPU every (variant, batch) memory run is one
 full generation in a fresh subprocess with glibc's mmap threshold fixed at 64 KiB, so that RSS follows the
 live tensor bytes rather than what the allocator happens to keep from earlier frees.
-The table ends with the capture / plain ratios (goal: time <= 1.10 at every batch size).
+The table ends with the capture / plain ratios (goal: time <= 1.10 at every batch size, in both cases).
 
     python benchmarks/grounded_generation.py                              # CPU, small shape
     python benchmarks/grounded_generation.py --device cuda --dtype bfloat16 --shape vicuna7b
@@ -55,6 +62,9 @@ SHAPES = {
     "vicuna7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008),
 }
 VARIANTS = ("plain", "capture", "eager")
+CASES = ("uniform", "mixed")
+#: Image-token counts of the mixed case relative to --image-tokens (576 -> 576, 324, 900: 24^2, 18^2, 30^2).
+MIXED_SCALES = (1.0, 0.5625, 1.5625)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIB = 2**20
 
@@ -112,17 +122,32 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def batch_layout(
+    case: str, batch: int, n_image: int, n_prompt: int
+) -> tuple[int, list[int], list[torch.Tensor]]:
+    """The padded length, and per sample its left padding and image positions (after a one-token "BOS")."""
+    counts = [n_image if case == "uniform" else round(n_image * MIXED_SCALES[b % 3]) for b in range(batch)]
+    length = max(counts) + 1 + n_prompt
+    pads = [length - (1 + n + n_prompt) for n in counts]
+    positions = [torch.arange(p + 1, p + 1 + n) for p, n in zip(pads, counts, strict=True)]
+    return length, pads, positions
+
+
 def make_runner(
     model: LlamaForCausalLM, variant: str, batch: int, args: argparse.Namespace
 ) -> Callable[[int], object]:
     n_image, n_prompt = args.image_tokens, args.prompt_tokens
     device = model.device
+    length, pads, positions = batch_layout(args.case, batch, n_image, n_prompt)
     generator = torch.Generator(device="cpu").manual_seed(1)
-    embeds = torch.randn(batch, n_image + n_prompt, model.config.hidden_size, generator=generator)
+    embeds = torch.randn(batch, length, model.config.hidden_size, generator=generator)
     embeds = embeds.to(device=device, dtype=model.dtype)
-    mask = torch.ones(batch, n_image + n_prompt, dtype=torch.long, device=device)
-    # The image follows a one-token "BOS" slot, as in a LLaVA prompt.
-    spans = [(1, 1 + n_image)] * batch
+    mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    for b, pad in enumerate(pads):
+        mask[b, :pad] = 0
+    # uniform: the (start, end) span form, a slice; mixed: per-sample position tensors, a gather.
+    image_positions = [(1, 1 + n_image)] * batch if args.case == "uniform" else positions
+    index = [p.to(device) for p in positions]
 
     def run(new_tokens: int):
         kwargs = dict(
@@ -135,15 +160,20 @@ def make_runner(
         if variant == "plain":
             return model.generate(**kwargs)
         if variant == "capture":
-            with AttentionCapture(model, spans) as cap:
+            with AttentionCapture(model, image_positions) as cap:
                 model.generate(**kwargs)
             return cap.maps()
         out = model.generate(output_attentions=True, return_dict_in_generate=True, **kwargs)
         maps = [
-            torch.stack([layer[:, :, -1, 1 : 1 + n_image] for layer in step]).float().mean(dim=(0, 2))
-            for step in out.attentions
+            torch.stack(
+                [
+                    torch.stack([layer[b, :, -1, index[b]] for layer in step]).float().mean(dim=(0, 1))
+                    for step in out.attentions
+                ]
+            ).cpu()
+            for b in range(batch)
         ]
-        return out, torch.stack(maps, dim=1).cpu()
+        return out, maps
 
     return run
 
@@ -228,10 +258,10 @@ def _worker(args: argparse.Namespace) -> None:
         print(json.dumps(measure_memory(model, variant, args.worker_batch, args)))
 
 
-def _run_isolated(task: str, variants: list[str], batch: int, argv: list[str]):
+def _run_isolated(task: str, variants: list[str], batch: int, case: str, argv: list[str]):
     cmd = [
         sys.executable, os.path.abspath(__file__), *argv,
-        "--worker-task", task, "--worker-batch", str(batch), "--variants", *variants,
+        "--worker-task", task, "--worker-batch", str(batch), "--variants", *variants, "--worker-case", case,
     ]  # fmt: skip
     env = dict(os.environ)
     if task == "memory":
@@ -242,7 +272,7 @@ def _run_isolated(task: str, variants: list[str], batch: int, argv: list[str]):
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"{task} {variants} batch {batch} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{task} {variants} {case} batch {batch} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -258,28 +288,28 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         f"prompt={args.image_tokens}+{args.prompt_tokens} new={args.new_tokens} rounds={args.repeats}"
     )
     header = (
-        f"| batch | variant | wall s (median) | CPU s (median) | tokens/s | {mem_label} MiB | wall / plain "
-        "| CPU / plain | mem / plain |"
+        f"| case | batch | variant | wall s (median) | CPU s (median) | tokens/s | {mem_label} MiB "
+        "| wall / plain | CPU / plain | mem / plain |"
     )
     print(header)
     print("|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|")
-    by_key = {(r["batch"], r["variant"]): r for r in rows}
+    by_key = {(r["case"], r["batch"], r["variant"]): r for r in rows}
     for r in rows:
-        plain = by_key.get((r["batch"], "plain"))
+        plain = by_key.get((r["case"], r["batch"], "plain"))
         mem_ratio = f"{r['peak_mib'] / plain['peak_mib']:.2f}" if plain and plain["peak_mib"] > 0 else "-"
         print(
-            f"| {r['batch']} | {r['variant']} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | "
+            f"| {r['case']} | {r['batch']} | {r['variant']} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | "
             f"{r['tokens_per_s']:.1f} | {r['peak_mib']:.1f} | {r.get('wall_ratio', float('nan')):.3f} | "
             f"{r.get('cpu_ratio', float('nan')):.3f} | {mem_ratio} |"
         )
     print("(ratios: median over rounds of the per-round ratio to plain)")
-    for batch in sorted({r["batch"] for r in rows}):
-        cap = by_key.get((batch, "capture"))
+    for case, batch in sorted({(r["case"], r["batch"]) for r in rows}):
+        cap = by_key.get((case, batch, "capture"))
         if cap and "wall_ratio" in cap:
             verdict = "ok" if cap["wall_ratio"] <= 1.10 else "ABOVE GOAL"
             print(
-                f"batch {batch}: capture / plain wall time = {cap['wall_ratio']:.3f} (goal <= 1.10: {verdict}); "
-                f"CPU time = {cap['cpu_ratio']:.3f}"
+                f"{case} batch {batch}: capture / plain wall time = {cap['wall_ratio']:.3f} "
+                f"(goal <= 1.10: {verdict}); CPU time = {cap['cpu_ratio']:.3f}"
             )
 
 
@@ -293,12 +323,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--image-tokens", type=int, default=576)
     parser.add_argument("--prompt-tokens", type=int, default=50)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--worker-task", choices=("time", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker-case", dest="case", choices=CASES, default="uniform", help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
@@ -318,28 +352,31 @@ def main(argv: list[str] | None = None) -> None:
     # CUDA peak statistics reset cleanly, so one process and one model serve every measurement; on the CPU
     # each memory measurement gets a fresh process and each batch size's timing another one.
     model = build_model(args.shape, args.device, DTYPES[args.dtype]) if on_cuda else None
-    for batch in args.batch_sizes:
-        if on_cuda:
-            seconds = measure_time(model, args.variants, batch, args)
-            peaks = {v: measure_memory(model, v, batch, args) for v in args.variants}
-        else:
-            seconds = _run_isolated("time", args.variants, batch, argv)
-            peaks = {v: _run_isolated("memory", [v], batch, argv) for v in args.variants}
-        for variant in args.variants:
-            wall = statistics.median(seconds[variant]["wall"])
-            row = {
-                "variant": variant,
-                "batch": batch,
-                "seconds": wall,
-                "cpu_seconds": statistics.median(seconds[variant]["cpu"]),
-                "tokens_per_s": batch * args.new_tokens / wall,
-                "peak_mib": peaks[variant],
-            }
-            if "plain" in seconds:
-                row["wall_ratio"] = _paired_ratio(seconds, variant, "wall")
-                row["cpu_ratio"] = _paired_ratio(seconds, variant, "cpu")
-            rows.append(row)
-            print(json.dumps(rows[-1]), flush=True)
+    for case in args.cases:
+        args.case = case
+        for batch in args.batch_sizes:
+            if on_cuda:
+                seconds = measure_time(model, args.variants, batch, args)
+                peaks = {v: measure_memory(model, v, batch, args) for v in args.variants}
+            else:
+                seconds = _run_isolated("time", args.variants, batch, case, argv)
+                peaks = {v: _run_isolated("memory", [v], batch, case, argv) for v in args.variants}
+            for variant in args.variants:
+                wall = statistics.median(seconds[variant]["wall"])
+                row = {
+                    "case": case,
+                    "variant": variant,
+                    "batch": batch,
+                    "seconds": wall,
+                    "cpu_seconds": statistics.median(seconds[variant]["cpu"]),
+                    "tokens_per_s": batch * args.new_tokens / wall,
+                    "peak_mib": peaks[variant],
+                }
+                if "plain" in seconds:
+                    row["wall_ratio"] = _paired_ratio(seconds, variant, "wall")
+                    row["cpu_ratio"] = _paired_ratio(seconds, variant, "cpu")
+                rows.append(row)
+                print(json.dumps(rows[-1]), flush=True)
     print_table(rows, args)
 
 

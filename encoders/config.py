@@ -24,6 +24,11 @@ SchedulerName = Literal["ddpm", "ddim"]
 #: ``bicubic``: antialiased bicubic, close to CLIP's own transform of the original image (models trained
 #: here). ``bilinear``: no antialiasing, as the released DiffLMM's ``sd_to_clip_img`` does.
 ClipResize = Literal["bicubic", "bilinear"]
+#: Pixel normalisation of the diffusion encoder's input (what the VAE sees): ``sd`` = Stable Diffusion's
+#: [-1, 1] (mean/std 0.5, padding colour 127); ``clip`` = CLIP's mean/std (padding colour 122, 116, 104), what
+#: DiffLMM's released weights were trained on (its SD tower passed mean=/std= to CLIPImageProcessor, which
+#: ignores those keywords and keeps CLIP's).
+PixelNorm = Literal["sd", "clip"]
 
 
 def _positive(owner: object, *names: str) -> None:
@@ -191,6 +196,10 @@ class DiffusionEncoderConfig:
     init_seed: int = 0
     #: Resampling of the SD input to the CLIP tower's size for the captioner (see ``ClipResize``).
     clip_resize: ClipResize = "bicubic"
+    #: Input normalisation (see ``PixelNorm``): sd for models trained here, clip for the released DiffLMM. The
+    #: VAE encodes the transformed image as is; the CLIP branch always maps it back with x * 0.5 + 0.5 before
+    #: CLIP's normalisation, as the release's sd_to_clip_img does (under clip: what DiffLMM saw).
+    pixel_norm: PixelNorm = "sd"
     unet_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     vae_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     scheduler_config: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -11,7 +11,8 @@ VAE, U-Net and scheduler come from a local folder in the Stable-Diffusion layout
 ``scheduler/``) or, without one, are built at random from SD-1.5's architecture with config overrides (the
 tiny test and default models). Noise: ``stochastic`` samples the VAE posterior and fresh noise on every
 call (the reference implementation), ``fixed`` uses the posterior mean and a noise map generated from
-``noise_seed``, and ``auto`` (default) is stochastic while training and fixed in eval mode.
+``noise_seed``, and ``auto`` (default) is stochastic while training and fixed in eval mode. ``pixel_norm:
+clip`` normalises the input with CLIP's mean/std instead of [-1, 1], as the released DiffLMM was trained.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from encoders.base import VisualEncoder, seeded_init
 from encoders.clip import ClipEncoder
 from encoders.config import DiffusionEncoderConfig, NoiseMode, SchedulerName
+from encoders.transform import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +180,11 @@ class DiffusionEncoder(VisualEncoder):
 
     @property
     def image_mean(self) -> tuple[float, float, float]:
-        return (0.5, 0.5, 0.5)
+        return CLIP_MEAN if self.config.pixel_norm == "clip" else (0.5, 0.5, 0.5)
 
     @property
     def image_std(self) -> tuple[float, float, float]:
-        return (0.5, 0.5, 0.5)
+        return CLIP_STD if self.config.pixel_norm == "clip" else (0.5, 0.5, 0.5)
 
     @property
     def noise(self) -> str:

@@ -1,11 +1,13 @@
 """Attend-and-segment: batched grounded generation from images and prompts to captions, phrases and masks.
 
 For a batch of images the model generates greedily while ``AttentionCapture`` records, for every generated
-token, the attention to the image tokens averaged over all layers and heads. Per image: the response is
-trimmed at EOS, its maps are normalised (the response's mean map subtracted), grouped by noun phrase (max
-over the tokens of each chunk's root word), upsampled bicubically to the image with the inverse of the
-encoder's aspect transform, and each phrase's peak becomes the point prompt of a refiner (SAM, or a
-threshold of the map itself) that returns its mask. Results can be written in GLaMM's GCG prediction format.
+token, the attention to the image tokens averaged over all layers and heads. Which image tokens, and which
+grid they form on which part of the image, is each sample's ``grounding.layout.ImageLayout`` (images of
+different sizes in one batch each have their own). Per image: the response is trimmed at EOS, its maps are
+normalised (the response's mean map subtracted), grouped by noun phrase (max over the tokens of each chunk's
+root word), put on the image by the layout's inverse geometry (bicubic, then the pad-aware crop or a plain
+resize), and each phrase's peak becomes the point prompt of a refiner (SAM, or a threshold of the map
+itself) that returns its mask. Results can be written in GLaMM's GCG prediction format.
 """
 
 from __future__ import annotations
@@ -21,9 +23,16 @@ from PIL import Image
 from grounding.capture import AttentionCapture
 from grounding.coco_io import GCGPrediction, mask_to_rle, write_gcg_prediction
 from grounding.config import AttendConfig
+from grounding.layout import GridView
 from grounding.phrases import default_spacy_model, group_phrases, response_token_offsets
 from grounding.protocol import GroundableModel
-from grounding.segment import Refiner, argmax_point, build_refiner, normalize_maps, upsample_map
+from grounding.segment import (
+    Refiner,
+    argmax_point,
+    build_refiner,
+    normalize_response_maps,
+    rows_including_stop,
+)
 
 
 @dataclasses.dataclass
@@ -36,6 +45,7 @@ class GroundedResponse:
     masks: list[np.ndarray]
     maps: list[torch.Tensor]  # (h, w) normalised phrase maps on the token grid, for overlays
     token_maps: torch.Tensor  # (n_tokens, h, w) raw maps of the response tokens
+    view: GridView | None = None  # the grid read and where it lies on the image (view.render(map) -> (H, W))
 
     def to_gcg(self, image_id: str) -> GCGPrediction:
         return GCGPrediction(
@@ -85,39 +95,40 @@ class AttendAndSegment:
     @torch.no_grad()
     def _batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[GroundedResponse]:
         batch = self.model.prepare(images, prompts)
-        with AttentionCapture(
-            self.model.language_model, batch.image_spans, layers=self.config.layers
-        ) as capture:
+        views = [layout.view() for layout in batch.layouts]
+        for image, view in zip(images, views, strict=True):
+            if view.image_size != (image.height, image.width):
+                raise ValueError(
+                    f"the model's layout is for a {view.image_size} image, not {(image.height, image.width)}"
+                )
+        positions = [view.positions for view in views]
+        with AttentionCapture(self.model.language_model, positions, layers=self.config.layers) as capture:
             new_tokens = self.model.generate(batch, self.config.max_new_tokens)
         maps = capture.maps()
         return [
-            self._ground(image, ids, m)
-            for image, ids, m in zip(images, new_tokens.tolist(), maps, strict=True)
+            self._ground(image, ids, m, view)
+            for image, ids, m, view in zip(images, new_tokens.tolist(), maps, views, strict=True)
         ]
 
-    def _ground(self, image: Image.Image, ids: list[int], maps: torch.Tensor) -> GroundedResponse:
+    def _ground(
+        self, image: Image.Image, ids: list[int], maps: torch.Tensor, view: GridView
+    ) -> GroundedResponse:
         tokenizer = self.model.tokenizer
-        stops = [i for i, t in enumerate(ids) if t in self.model.stop_token_ids]
-        if stops:
-            ids = ids[: stops[0]]
-        h, w = self.model.grid
-        token_maps = maps[: len(ids)].reshape(len(ids), h, w)
+        # The step that produced the stop token has a row in the mean map (the reference's), never in a phrase.
+        n_tokens, n_rows = rows_including_stop(ids, self.model.stop_token_ids)
+        ids = ids[:n_tokens]
+        token_maps = view.to_grid(maps[: len(ids)])
         text, offsets = response_token_offsets(tokenizer, ids)
         stripped = len(text) - len(text.lstrip())  # decoders may keep the space that led the first token
         text = text.strip()
         offsets = [(max(s - stripped, 0), max(e - stripped, 0)) for s, e in offsets]
         if not ids or not text:
-            return GroundedResponse(text, [], [], [], [], token_maps)
+            return GroundedResponse(text, [], [], [], [], token_maps, view)
+        normalised = normalize_response_maps(view.to_grid(maps[:n_rows]), n_tokens)
         phrases = group_phrases(
-            text,
-            offsets,
-            normalize_maps(token_maps),
-            self.config.combine,
-            self.spacy_model,
-            self.config.phrase_tokens,
+            text, offsets, normalised, self.config.combine, self.spacy_model, self.config.phrase_tokens
         )
-        size = (image.height, image.width)
-        upsampled = [upsample_map(p.map, size, self.model.aspect) for p in phrases]
+        upsampled = [view.render(p.map) for p in phrases]
         points = [argmax_point(u) for u in upsampled]
         masks = self.refiner(np.asarray(image), points, upsampled) if phrases else []
         return GroundedResponse(
@@ -127,6 +138,7 @@ class AttendAndSegment:
             masks=[np.asarray(m, dtype=bool) for m in masks],
             maps=[p.map for p in phrases],
             token_maps=token_maps,
+            view=view,
         )
 
 

@@ -103,7 +103,6 @@ class GroundingCallback(L.Callback):
         from grounding.overlay import draw_overlay
 
         step = trainer.global_step
-        aspect = self.groundable(pl_module).aspect
         scalars = {
             f"grounding/{k}": float(v)
             for k, v in metrics.items()
@@ -123,7 +122,7 @@ class GroundingCallback(L.Callback):
                     r.points,
                     r.masks,
                     r.maps,
-                    aspect=aspect,
+                    view=r.view,
                     display_size=192,
                 )
                 experiment.add_image(f"grounding/overlay_{i}", np.asarray(panel), step, dataformats="HWC")

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-__all__ = ["AttentionCapture", "find_language_model"]
+__all__ = ["AttentionCapture", "ImagePositions", "find_language_model", "image_position_index"]
 
 
 def find_language_model(model: nn.Module) -> PreTrainedModel:
@@ -73,31 +73,72 @@ def select_layers(layers: Sequence[int], n_layers: int) -> frozenset[int]:
     return frozenset(chosen)
 
 
+ImagePositions = tuple[int, int] | torch.Tensor | Sequence[int]
+
+
+def image_position_index(image_positions: Sequence[ImagePositions]) -> list[torch.Tensor]:
+    """Per sample, its image-token positions as a 1-D int64 CPU tensor.
+
+    A ``tuple`` of two ints is the span form ``(start, end)`` (end exclusive); anything else (a 1-D integer
+    tensor, a list, a range, an array) lists the positions themselves, in the order the map's columns take.
+    """
+    if len(image_positions) == 0:
+        raise ValueError("image_positions is empty: give one entry per sample")
+    out = []
+    for b, entry in enumerate(image_positions):
+        if isinstance(entry, tuple) and len(entry) == 2:
+            start, end = int(entry[0]), int(entry[1])
+            if not 0 <= start < end:
+                raise ValueError(
+                    f"image span {entry} of sample {b} is empty or negative: expected 0 <= start < end"
+                )
+            out.append(torch.arange(start, end))
+            continue
+        positions = torch.as_tensor(entry)
+        if positions.ndim != 1 or positions.numel() == 0 or positions.dtype.is_floating_point:
+            raise ValueError(
+                f"image positions of sample {b} must be a non-empty 1-D integer sequence (or a (start, end) "
+                f"tuple), got shape {tuple(positions.shape)} {positions.dtype}"
+            )
+        positions = positions.to(device="cpu", dtype=torch.long)
+        if int(positions.min()) < 0:
+            raise ValueError(f"image positions of sample {b} contain a negative position")
+        out.append(positions)
+    return out
+
+
 class AttentionCapture:
     """Context manager that records image attention maps during ``generate`` or one teacher-forced forward.
 
     Usage (generation)::
 
-        with AttentionCapture(model, image_spans) as cap:
+        with AttentionCapture(model, image_positions) as cap:
             model.generate(...)            # inputs_embeds, or input_ids (+ pixel_values); sdpa or eager
-        maps = cap.maps()                  # [(n_generated_tokens, n_image_tokens) float32 CPU] per sample
+        maps = cap.maps()                  # [(n_generated_tokens, len(image_positions[b])) float32 CPU]
 
     Usage (teacher forcing: prompt + a given response in one forward pass, no cache prefix)::
 
-        with AttentionCapture(model, image_spans, response_start=r) as cap:
+        with AttentionCapture(model, image_positions, response_start=r) as cap:
             model(input_ids=full_sequence, attention_mask=mask)
-        maps = cap.maps()                  # [(seq_len - r_b, n_image_tokens)] per sample
+        maps = cap.maps()                  # [(seq_len - r_b, len(image_positions[b]))] per sample
 
     Row ``i`` of a sample's map is the post-softmax attention of the query that produces token ``i`` (the last
-    prompt position for ``i = 0``, otherwise the position of token ``i - 1``) to that sample's image keys,
-    averaged over all heads of all language-model layers; it equals what eager ``output_attentions=True``
-    gives. Only the language model's layers count (a LLaVA vision tower is excluded because only the decoder
-    config is switched to the capture function).
+    prompt position for ``i = 0``, otherwise the position of token ``i - 1``) to that sample's image keys, in
+    the order given, averaged over all heads of all language-model layers; it equals what eager
+    ``output_attentions=True`` gives. Only the language model's layers count (a vision tower is excluded
+    because only the decoder config is switched to the capture function).
+
+    What the model's attention does is mirrored from what transformers hands the attention function: the 4D
+    mask (padding, sliding windows, bidirectional image blocks), ``scaling``, ``softcap``, GQA, and RoPE or
+    M-RoPE (already applied to the queries and keys). A sliding-window layer whose dynamic cache holds only the
+    last keys gets the image keys that left its window as exact zeros, which is what its full-length eager
+    row holds there. Attention sinks (``s_aux``) and a ``position_bias`` are refused with an error.
 
     Args:
-        model: a transformers causal LM, or any module containing one (our LMM, LlavaForConditionalGeneration).
-        image_spans: per sample ``(start, end)`` (end exclusive) of the image tokens in the sequence given to
-            the model, after left padding. Spans may differ per sample but must have equal length.
+        model: a transformers causal LM, or any module containing one (our LMM, a transformers VLM).
+        image_positions: per sample, its image-token positions in the sequence given to the model (after left
+            padding): a 1-D integer tensor or sequence, any count per sample, not necessarily contiguous; or
+            the span form ``(start, end)`` (a tuple, end exclusive).
         response_start: teacher-forced mode. Position (int, or one per sample) of the first response token in
             the full sequence; the single forward pass inside the block yields one row per position from
             ``response_start`` to the end of the sequence (right padding included; trim it yourself).
@@ -107,36 +148,41 @@ class AttentionCapture:
 
     In batched generation a sample that has emitted EOS keeps producing padding; ``maps()`` returns every
     generated step for every sample and trimming to each sample's real length is the caller's job. Unsupported:
-    beam search / ``num_return_sequences > 1`` (the batch no longer matches ``image_spans``), chunked prefill,
-    attention sinks; the model's attention must be ``sdpa`` or ``eager`` (other kernels work if their mask is
-    4D or absent). On exit the model's config and transformers' registries are restored as found.
+    beam search / ``num_return_sequences > 1`` (the batch no longer matches ``image_positions``), chunked
+    prefill, a rolling static sliding-window cache; the model's attention must be ``sdpa`` or ``eager`` (other
+    kernels work if their mask is 4D or absent). On exit the model's config and transformers' registries are
+    restored as found.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        image_spans: Sequence[tuple[int, int]],
+        image_positions: Sequence[ImagePositions],
         response_start: int | Sequence[int] | None = None,
         layers: Sequence[int] | None = None,
     ) -> None:
-        spans = [(int(s), int(e)) for s, e in image_spans]
-        if not spans:
-            raise ValueError("image_spans is empty")
-        lengths = {e - s for s, e in spans}
-        if len(lengths) != 1 or lengths.pop() <= 0:
-            raise ValueError(f"image spans must be non-empty and of equal length, got {spans}")
-        self._spans = spans
-        self._n_image = spans[0][1] - spans[0][0]
-        self._shared_start = spans[0][0] if all(s == spans[0][0] for s, _ in spans) else None
+        positions = image_position_index(image_positions)
+        self._positions = positions
+        self._counts = [len(p) for p in positions]
+        n_max = max(self._counts)
+        first = positions[0]
+        same = all(len(p) == len(first) and torch.equal(p, first) for p in positions)
+        contiguous = bool((first[1:] - first[:-1]).eq(1).all())
+        # The common case (every sample's image at the same contiguous place) is a slice, not a gather.
+        self._shared_start = int(first[0]) if same and contiguous else None
+        self._n_image = n_max
+        # Padded (B, n_max) index; the padding repeats a real position and is cut off in maps().
+        self._index_cpu = torch.stack([torch.cat([p, p[:1].expand(n_max - len(p))]) for p in positions])
+        self._max_position = int(self._index_cpu.max())
         if response_start is None:
             self._response_starts: list[int] | None = None
         else:
             starts = (
-                [int(response_start)] * len(spans)
+                [int(response_start)] * len(positions)
                 if isinstance(response_start, int)
                 else list(response_start)
             )
-            if len(starts) != len(spans) or min(starts) < 1:
+            if len(starts) != len(positions) or min(starts) < 1:
                 raise ValueError(f"response_start must be >= 1 and one per sample, got {response_start}")
             self._response_starts = starts
         self._lm = find_language_model(model)
@@ -153,6 +199,7 @@ class AttentionCapture:
         self._acc: torch.Tensor | None = None
         self._seen: set[int] = set()
         self._index: torch.Tensor | None = None
+        self._seq_len = 0  # tokens the model has seen so far (prompt, then one more per generation step)
 
     # -- context manager ---------------------------------------------------------------------------------------
 
@@ -203,6 +250,13 @@ class AttentionCapture:
         *args: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        for unsupported in ("s_aux", "position_bias"):
+            if kwargs.get(unsupported) is not None:
+                # Refuse rather than return maps that differ from the model's real attention.
+                raise NotImplementedError(
+                    f"{type(module).__name__} passes {unsupported} to its attention, which AttentionCapture "
+                    "does not mirror"
+                )
         out = self._delegate(module)(module, query, key, value, attention_mask, *args, **kwargs)
         if self._layers is not None:
             index = getattr(module, "layer_idx", None)
@@ -216,6 +270,11 @@ class AttentionCapture:
             self._record(module, query, key, attention_mask, kwargs)
         return out
 
+    def _image_index(self, device: torch.device) -> torch.Tensor:
+        if self._index is None or self._index.device != device:
+            self._index = self._index_cpu.to(device)
+        return self._index
+
     def _record(
         self,
         module: nn.Module,
@@ -227,12 +286,14 @@ class AttentionCapture:
         if id(module) in self._seen:
             # The same layer again means a new forward pass (the next generation step) has started.
             self._finish_pass()
+        batch, n_heads, q_len, head_dim = query.shape
+        if not self._seen:
+            self._seq_len += q_len
         self._seen.add(id(module))
 
-        batch, n_heads, q_len, head_dim = query.shape
-        if batch != len(self._spans):
+        if batch != len(self._positions):
             raise ValueError(
-                f"the model runs a batch of {batch} but {len(self._spans)} image spans were given "
+                f"the model runs a batch of {batch} but {len(self._positions)} image spans (position sets) were given "
                 "(beam search and num_return_sequences > 1 are not supported)"
             )
         if self._response_starts is None:
@@ -253,6 +314,13 @@ class AttentionCapture:
             # Mirrors sdpa_attention_forward: an empty static cache in prefill holds unused key slots.
             key = key[:, :, :q_len]
             kv_len = q_len
+        # A dynamic sliding-window cache hands over only the last keys: key j is then sequence position
+        # key_offset + j. A full cache (kv_len == seq_len) or a static one (kv_len > seq_len) starts at 0.
+        key_offset = max(self._seq_len - kv_len, 0)
+        if self._max_position >= self._seq_len:
+            raise ValueError(
+                f"image position {self._max_position} is beyond the {self._seq_len} positions the model sees"
+            )
 
         n_kv = key.shape[1]
         rep = n_heads // n_kv
@@ -272,7 +340,7 @@ class AttentionCapture:
 
         if attention_mask is not None:
             if attention_mask.ndim == 2:  # a key padding mask (flash-attention style)
-                mask = attention_mask[:, None, None, :kv_len].bool()
+                mask = attention_mask[:, None, None, key_offset : key_offset + kv_len].bool()
             else:
                 mask = attention_mask[:, :, first_row:stop_row, :kv_len]
             if mask.dtype == torch.bool:
@@ -287,17 +355,23 @@ class AttentionCapture:
             scores = scores.masked_fill(~allowed, float("-inf"))
 
         # Mean over heads before picking the image keys: one cheap reduction, then a slice (or, with
-        # per-sample spans, a gather) of a (batch, rows, keys) tensor instead of a (batch, heads, ...) one.
+        # per-sample positions, a gather) of a (batch, rows, keys) tensor instead of a (batch, heads, ...) one.
         head_mean = scores.softmax(dim=-1).mean(dim=1)
-        if self._shared_start is not None:
+        is_view = self._shared_start is not None and key_offset == 0
+        if is_view:
             image = head_mean[..., self._shared_start : self._shared_start + self._n_image]
         else:
-            if self._index is None or self._index.device != head_mean.device:
-                starts = torch.tensor([s for s, _ in self._spans], device=head_mean.device)
-                self._index = starts[:, None] + torch.arange(self._n_image, device=head_mean.device)
-            image = head_mean.gather(-1, self._index[:, None, :].expand(batch, rows, self._n_image))
+            index = self._image_index(head_mean.device)
+            if key_offset == 0:
+                image = head_mean.gather(-1, index[:, None, :].expand(batch, rows, self._n_image))
+            else:
+                index = index - key_offset
+                inside = index >= 0  # keys that left a sliding window: exactly zero attention
+                shifted = index.clamp(min=0)[:, None, :].expand(batch, rows, self._n_image)
+                image = head_mean.gather(-1, shifted) * inside[:, None, :]
         if self._acc is None:
-            self._acc = image.clone() if self._shared_start is not None else image
+            # A slice would keep the whole (batch, rows, keys) tensor alive: copy it.
+            self._acc = image.clone() if is_view else image
         else:
             self._acc.add_(image)
 
@@ -311,7 +385,7 @@ class AttentionCapture:
     # -- results -----------------------------------------------------------------------------------------------
 
     def maps(self) -> list[torch.Tensor]:
-        """Per sample, a ``(n_rows, n_image_tokens)`` float32 CPU tensor (see the class docstring for rows).
+        """Per sample, a ``(n_rows, len(image_positions[b]))`` float32 CPU tensor (see the class docstring).
 
         Rows are every generation step, including the padding steps after a sample's EOS in batched
         generation; trim them to each sample's real length yourself.
@@ -324,7 +398,8 @@ class AttentionCapture:
         if self._response_starts is not None and len(self._passes) != 1:
             raise RuntimeError(f"teacher-forced capture expects one forward pass, saw {len(self._passes)}")
         stacked = torch.cat(self._passes, dim=1).float().cpu()
+        per_sample = [stacked[b, :, :n] for b, n in enumerate(self._counts)]
         if self._response_starts is None:
-            return list(stacked.unbind(0))
+            return per_sample
         lowest = min(self._response_starts)
-        return [stacked[b, start - lowest :] for b, start in enumerate(self._response_starts)]
+        return [m[start - lowest :] for m, start in zip(per_sample, self._response_starts, strict=True)]

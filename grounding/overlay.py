@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from grounding.layout import GridView
 from grounding.segment import upsample_map
 
 RGB = tuple[int, int, int]
@@ -259,12 +260,16 @@ def _heat_tile(
     grid_map: torch.Tensor,
     image: Image.Image,
     aspect: str,
+    view: GridView | None,
     layout: OverlayLayout,
     index: int,
     title: str,
     title_height: int,
 ) -> Image.Image:
-    up = upsample_map(grid_map, (image.height, image.width), aspect).numpy()
+    if view is not None:
+        up = view.render(grid_map).numpy()
+    else:
+        up = upsample_map(grid_map, (image.height, image.width), aspect).numpy()
     span = float(up.max() - up.min()) or 1.0
     heat = np.asarray(
         Image.fromarray(heat_colours((up - up.min()) / span)).resize(layout.size, Image.BILINEAR)
@@ -379,8 +384,10 @@ def draw_overlay(
     maps: Sequence[torch.Tensor],
     aspect: str = "pad",
     display_size: int = 320,
+    view: GridView | None = None,
 ) -> Image.Image:
-    """Compose the overlay panel; ``maps`` are the (h, w) grid maps, upsampled here with ``aspect``."""
+    """Compose the overlay panel; ``maps`` are the (h, w) grid maps, put on the image by ``view`` (a grounded
+    response's ``view``, any model) or, without one, upsampled with ``aspect``."""
     image = image.convert("RGB")
     layout = overlay_layout(image.size, phrases, points, masks, display_size)
     font = _font(layout.font_size)
@@ -388,7 +395,9 @@ def draw_overlay(
     title_height = line_height + 2
     left = _left_panel(image, layout)
     tiles = [
-        _heat_tile(grid_map, image, aspect, layout, i, _label_text(i, phrase, layout.legend), title_height)
+        _heat_tile(
+            grid_map, image, aspect, view, layout, i, _label_text(i, phrase, layout.legend), title_height
+        )
         for i, (phrase, grid_map) in enumerate(zip(phrases, maps, strict=True))
     ]
     header = title_height if tiles else 0

@@ -26,6 +26,8 @@ __all__ = [
     "argmax_point",
     "build_refiner",
     "normalize_maps",
+    "normalize_response_maps",
+    "rows_including_stop",
     "upsample_map",
 ]
 
@@ -43,6 +45,34 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected (n_tokens, ...) maps with n_tokens >= 1, got shape {tuple(maps.shape)}")
     maps = maps.float()
     return maps - maps.mean(dim=0, keepdim=True)
+
+
+def rows_including_stop(token_ids: Sequence[int], stop_token_ids: Sequence[int]) -> tuple[int, int]:
+    """``(n_tokens, n_rows)`` of one generated response: its tokens before the first stop token, and the
+    generation steps whose attention rows count in the mean map, the step that produced the stop included.
+
+    The reference saves one attention row for every generation step, including the one that generated the
+    end-of-sequence token, and subtracts the mean over all of them (DESIGN.md section 5, step 3); the stop
+    token itself is never part of a phrase. Without a stop token (the length limit) both counts are the
+    number of generated tokens.
+    """
+    stops = set(stop_token_ids)
+    for i, token in enumerate(token_ids):
+        if token in stops:
+            return i, i + 1
+    return len(token_ids), len(token_ids)
+
+
+def normalize_response_maps(rows: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Normalise a response's maps as the reference does: subtract the mean of ``rows``, keep ``n_tokens``.
+
+    ``rows`` is ``(n_rows, ...)``: one map per generation step up to and including the step that produced the
+    stop token (see :func:`rows_including_stop`); the result is the first ``n_tokens`` normalised maps, those
+    of the response's text tokens.
+    """
+    if not 0 <= n_tokens <= rows.shape[0]:
+        raise ValueError(f"n_tokens {n_tokens} must be between 0 and the number of rows {rows.shape[0]}")
+    return normalize_maps(rows)[:n_tokens]
 
 
 def upsample_map(attn: torch.Tensor, image_size: tuple[int, int], aspect: Aspect = "pad") -> torch.Tensor:

@@ -205,6 +205,16 @@ class TowersConfig:
 
 
 @dataclasses.dataclass
+class InitConfig:
+    """Schema of ``init:``: initial weights from outside the project."""
+
+    #: A transformers LLaVA folder (llava-hf format, e.g. one ``python -m lmm.export hf`` wrote): the run
+    #: starts from its vision tower, projector and language model. train.py unpacks it into ``<run>/init/``
+    #: once, and the run's config.yaml then names the unpacked folders as its encoder and llm.
+    llava_hf: str | None = None
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Schema of a whole run config (``configs/default.yaml``)."""
 
@@ -222,6 +232,7 @@ class TrainConfig:
     qa_eval: QAEvalConfig = dataclasses.field(default_factory=QAEvalConfig)
     grounding: GroundingEvalConfig = dataclasses.field(default_factory=GroundingEvalConfig)
     towers: TowersConfig = dataclasses.field(default_factory=TowersConfig)
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -18,9 +18,20 @@ from torch import Tensor, nn
 
 from datamodules.templates import get_template
 from grounding.batching import left_pad
+from grounding.layout import ImageLayout, single_block_layout
 from grounding.protocol import PreparedBatch
 from lmm.model import LMM, PromptBatch
 from lmm.released.llava15 import LlavaImageTransform, tokenizer_image_token
+
+
+def single_block_layouts(
+    spans: Sequence[tuple[int, int]], images: Sequence[Image.Image], grid: tuple[int, int], aspect: str
+) -> list[ImageLayout]:
+    """One grid of visual tokens per image, over the encoder's square fitted with ``aspect``."""
+    return [
+        single_block_layout(range(*span), grid, (image.height, image.width), aspect)
+        for span, image in zip(spans, images, strict=True)
+    ]
 
 
 class LMMGrounding:
@@ -54,8 +65,9 @@ class LMMGrounding:
         pixels = [self.transform(image) for image in images]
         prompts = [self.template.prompt(q, has_image=True) for q in questions]
         batch = self.model.prepare_prompts(prompts, pixels)
+        spans = [span for span in batch.image_spans if span is not None]
         return PreparedBatch(
-            inputs=batch, image_spans=[span for span in batch.image_spans if span is not None]
+            inputs=batch, layouts=single_block_layouts(spans, images, self.grid, self.aspect)
         )
 
     def generate(self, batch: PreparedBatch, max_new_tokens: int) -> Tensor:
@@ -106,7 +118,9 @@ class LlavaGrounding:
         dtype = next(self.model.projector.parameters()).dtype
         pixels = torch.stack([self.transform(image) for image in images]).to(device=device, dtype=dtype)
         batch = PromptBatch(input_ids.to(device), attention_mask.to(device), list(spans), pixels)
-        return PreparedBatch(inputs=batch, image_spans=spans)
+        return PreparedBatch(
+            inputs=batch, layouts=single_block_layouts(spans, images, self.grid, self.aspect)
+        )
 
     def generate(self, batch: PreparedBatch, max_new_tokens: int) -> Tensor:
         return self.model.generate_from(

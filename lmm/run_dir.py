@@ -7,6 +7,7 @@ folder, so a restarted or requeued job picks up its own checkpoints):
     checkpoints/<stage>/last.ckpt     trainable weights + optimizer and data state, per stage
     checkpoints/<stage>/hpc_ckpt_<n>.ckpt   a SLURM requeue checkpoint (superseded by last.ckpt at stage end)
     tensorboard/<stage>/              TensorBoard logs
+    init/                             initial weights unpacked from init.llava_hf (clip/, llm/, projector)
     grounding/metrics.json            the grounding evaluation's history
     samples/<stage>/rank<r>.jsonl     consumed sample keys (data.record_samples)
     train.log, qa_eval.json, summary.json
@@ -62,6 +63,11 @@ class RunDir:
     def tensorboard_dir(self) -> Path:
         return self.path / "tensorboard"
 
+    @property
+    def init_dir(self) -> Path:
+        """Initial weights unpacked from outside the project (``init.llava_hf``)."""
+        return self.path / "init"
+
     def checkpoint_dir(self, stage: str) -> Path:
         return self.path / "checkpoints" / stage
 
@@ -108,7 +114,7 @@ def load_run(run_dir: str | Path, map_location: str | torch.device = "cpu") -> t
 
     run = RunDir(run_dir)
     config = run.read_config()
-    model = build_model(config)
+    model = build_model(config, run.init_dir)
     loaded = []
     for name in config.run_stages:
         path = run.last_checkpoint(name)

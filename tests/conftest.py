@@ -65,3 +65,17 @@ def tiny_overrides(world, run_root, run_name="t", steps=(4, 4)):
 @pytest.fixture
 def tiny_args(tiny_world, tmp_path):
     return lambda **kw: tiny_overrides(tiny_world, tmp_path / "runs", **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_world, tmp_path_factory):
+    """A run trained for a few steps by train.py on the tiny world (no grounding callback): its directory."""
+    import train
+
+    root = tmp_path_factory.mktemp("runs")
+    args = tiny_overrides(tiny_world, root, run_name="tiny", steps=(2, 3)) + [
+        "grounding.enabled=false",
+        "qa_eval.limit=1",
+    ]
+    assert train.main(args) == 0
+    return root / "tiny"

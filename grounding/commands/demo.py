@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         result.points,
         result.masks,
         result.maps,
-        aspect=loaded.model.aspect,
+        view=result.view,
     )
     overlay.save(args.out / "overlay.png")
     print(f"caption: {result.caption}")

@@ -17,13 +17,15 @@ from grounding.commands.options import attend_settings, describe
 from grounding.config import AttendConfig
 from grounding.protocol import GroundableModel
 
-#: Released models ``--model`` loads: name -> what ``--weights`` names.
-RELEASED = {
+#: Released models of the project's own class that ``--model`` loads: name -> what ``--weights`` names. The
+#: transformers models of ``grounding.hf.registry`` (``hf-*``) load from their own folders.
+PROJECT_RELEASES = {
     "llava-1.5": "the llava-v1.5-7b folder (LLaVA's original layout)",
     "difflmm": "the DiffLMM LoRA run folder (adapter + non_lora_trainables.bin)",
-    "hf-llava": "a llava-hf LlavaForConditionalGeneration folder",
-    "hf-llava-next": "a llava-hf LlavaNextForConditionalGeneration folder",
 }
+#: The prompt a transformers model gets by default: LLaVA-1.5's is the reference's conv_llava_v1; every other
+#: model is prompted with its processor's own chat template, as the reference's later scripts do.
+DEFAULT_TEMPLATES = {"hf-llava": "vicuna_v1"}
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -50,12 +52,24 @@ def add_model_arguments(
     which = group.add_mutually_exclusive_group(required=required)
     which.add_argument("--run", type=Path, help="run directory (runs/<name>) of an LMM trained here")
     if released:
+        from grounding.hf.registry import MODELS
+
         which.add_argument(
             "--model",
-            choices=sorted(RELEASED),
-            help="released weights: " + "; ".join(f"{k}: {v}" for k, v in RELEASED.items()),
+            choices=sorted(PROJECT_RELEASES) + sorted(MODELS),
+            help="released weights: "
+            + "; ".join(f"{k}: {v}" for k, v in PROJECT_RELEASES.items())
+            + "; hf-*: a transformers model folder with its processor (grounding.hf.registry)",
         )
         group.add_argument("--weights", type=Path, help="--model's weight folder")
+        group.add_argument(
+            "--model-option",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="an hf-* model's own option, e.g. blocks=base (LLaVA-NeXT's base grid), blocks=thumbnail "
+            "(InternVL), max_pixels=1003520 (Qwen); see grounding.hf.registry",
+        )
         group.add_argument("--base", type=Path, default=None, help="difflmm: the base vicuna-7b-v1.5 folder")
         group.add_argument("--sd", type=Path, default=None, help="difflmm: the stable-diffusion-v1-5 folder")
         group.add_argument(
@@ -65,7 +79,11 @@ def add_model_arguments(
             help="llava-1.5 / difflmm: the clip-vit-large-patch14-336 folder",
         )
         group.add_argument(
-            "--template", choices=("vicuna_v1", "chat"), default="vicuna_v1", help="hf models: prompt format"
+            "--template",
+            choices=("vicuna_v1", "chat"),
+            default=None,
+            help="hf models' prompt: vicuna_v1 (LLaVA's conv_llava_v1) or chat (the processor's chat template); "
+            "default: vicuna_v1 for hf-llava, chat for the others",
         )
         group.add_argument(
             "--diffusion-noise",
@@ -96,7 +114,7 @@ def load_model(args: argparse.Namespace, paper_settings: AttendConfig | None = N
     if args.run is not None:
         return _load_run(args)
     if args.weights is None:
-        raise ModelLoadError(f"--model {args.model} needs --weights ({RELEASED[args.model]})")
+        raise ModelLoadError(f"--model {args.model} needs --weights")
     return _load_released(args, paper_settings or AttendConfig())
 
 
@@ -104,16 +122,35 @@ def model_source(args: argparse.Namespace) -> dict[str, Any]:
     """What ``args`` asks to load, with absolute paths: recorded beside predictions before anything loads."""
     if args.run is not None:
         return {"run": _absolute(args.run)}
-    return {
+    source = {
         "model": args.model,
         "weights": _absolute(args.weights),
         "base": _absolute(args.base),
         "sd": _absolute(args.sd),
         "clip": _absolute(args.clip),
-        "template": args.template,
         "dtype": args.dtype,
-        "diffusion_noise": args.diffusion_noise,
     }
+    if args.model == "difflmm":
+        source["diffusion_noise"] = args.diffusion_noise
+    if args.model.startswith("hf-"):
+        source["template"] = _template(args)
+        source["model_options"] = _model_options(args)
+    return source
+
+
+def _template(args: argparse.Namespace) -> str:
+    return args.template or DEFAULT_TEMPLATES.get(args.model, "chat")
+
+
+def _model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--model-option KEY=VALUE`` pairs, numbers read as numbers."""
+    options: dict[str, Any] = {}
+    for item in args.model_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ModelLoadError(f"--model-option {item!r} is not of the form KEY=VALUE")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return options
 
 
 def _load_run(args: argparse.Namespace) -> LoadedModel:
@@ -158,13 +195,16 @@ def _load_released(args: argparse.Namespace, settings: AttendConfig) -> LoadedMo
             f"--clip is for llava-1.5 and difflmm; {args.model} folders hold their own tower"
         )
     source = model_source(args)
-    if args.model in ("hf-llava", "hf-llava-next"):
-        from grounding.hf_models import load_hf_llava
+    if args.model.startswith("hf-"):
+        from grounding.hf import registry
+        from grounding.hf.llava import vicuna_v1_prompt
 
-        kind = "llava" if args.model == "hf-llava" else "llava_next"
+        prompt_format = vicuna_v1_prompt if source["template"] == "vicuna_v1" else None
         try:
-            model: GroundableModel = load_hf_llava(args.weights, kind=kind, template=args.template, **common)
-        except (FileNotFoundError, ValueError) as err:
+            model: GroundableModel = registry.load(
+                args.model, args.weights, prompt_format=prompt_format, **common, **source["model_options"]
+            )
+        except (FileNotFoundError, ValueError, TypeError) as err:
             raise ModelLoadError(str(err).splitlines()[0]) from None
     else:
         from lmm.groundable import LlavaGrounding

@@ -98,6 +98,7 @@ def _difflmm_encoder_config(
         up_block=int(field("mm_vision_select_layer")),
         dm_dim=hidden // 4,
         clip_resize="bilinear",  # the release's sd_to_clip_img: F.interpolate bilinear, no antialias
+        pixel_norm="clip",  # the release's SD tower normalised with CLIP's mean/std (see PixelNorm)
         clip=ClipEncoderConfig(model="hf", weights=str(clip), select_layer=-2),  # hidden_states[-2][:, 1:]
     )
 

@@ -104,7 +104,7 @@ def load_llava15(
     if config.get("model_type") not in LLAVA_MODEL_TYPES or "mm_vision_tower" not in config:
         raise CheckpointError(
             f"{folder}/config.json: not LLaVA's original layout (model_type {config.get('model_type')!r}, "
-            "no mm_vision_tower); transformers' llava-hf folders load with grounding.hf_models"
+            "no mm_vision_tower); transformers' llava-hf folders load with grounding.hf"
         )
     projector_type = require_field(config, "mm_projector_type", folder)
     if projector_type not in ("mlp2x_gelu", "linear"):

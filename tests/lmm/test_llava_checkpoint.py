@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from encoders.transform import pad_to_square
 from grounding.config import AttendConfig
 from lmm.groundable import LlavaGrounding
 from lmm.released.difflmm import load_difflmm
@@ -557,6 +558,15 @@ def test_difflmm_grounded_generation_end_to_end(difflmm_dirs):
     grounding = LlavaGrounding(model)
     assert grounding.grid == (8, 8) and grounding.transform.size == SD_SIZE and grounding.aspect == "pad"
     pictures = images()
+    # The release's SD tower built CLIPImageProcessor(size, crop_size, mean=[.5]*3, std=[.5]*3), which ignores
+    # mean/std: the released weights saw CLIP's normalisation and CLIP's mean-colour padding.
+    from transformers import CLIPImageProcessorPil
+
+    release = CLIPImageProcessorPil(size=SD_SIZE, crop_size=SD_SIZE, mean=[0.5] * 3, std=[0.5] * 3)
+    fill = tuple(int(255 * m) for m in release.image_mean)
+    for picture in pictures:
+        expected = release(images=pad_to_square(picture, fill), return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(grounding.transform(picture), expected, atol=1e-5, rtol=0)
     results = AttendAndSegment(grounding, AttendConfig(spacy_model=SPACY, max_new_tokens=10, batch_size=2))(
         pictures
     )
