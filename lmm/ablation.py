@@ -1,15 +1,18 @@
-"""The encoder ablation: ``python -m lmm.ablation [--encoders clip fused] [--seeds 0 1 2] [key=value ...]``.
+"""The encoder ablation: ``python -m lmm.ablation [--towers random|pretrained] [--encoders clip fused]
+[--seeds 0 1 2] [key=value ...]``.
 
 Trains the embedded default (``python train.py``) once per encoder and seed and reports, per encoder, the mean
 and sample standard deviation over seeds of the final grounding metrics on the shapes world's validation set
 (pointing accuracy, mask recall, mIoU, AP50, description accuracy), held-out QA accuracy and wall time, plus
-the difference of the means (fused - clip) with its standard error. ``clip`` is configs/default.yaml as is;
-``fused`` selects ``encoder=fused_tiny`` (DiffLMM's U-Net + CLIP features). A seed sets the run's ``seed``
-(data order and the projector's initialisation) and ``llm.init_seed``; the in-world pretrained towers are
-the same for every seed (trained once into the tower cache, which every run shares), so the spread is that
-of the LMM's training, not of the towers'. Extra ``key=value`` arguments go to every run. Each run keeps its
-own run directory (``runs/ablation-<encoder>-s<seed>``); a rerun skips runs that finished (their
-``summary.json`` exists) and resumes the others. Results go to ``runs/ablation/results.json`` and ``table.md``.
+the difference of the means (fused - clip) with its standard error. ``clip`` selects ``encoder=clip_tiny``
+(the default's tower), ``fused`` ``encoder=fused_tiny`` (DiffLMM's U-Net + CLIP features); with ``--towers
+pretrained`` their ``*_pretrained`` variants, whose towers are pretrained in-world first. A seed sets the
+run's ``seed`` (data order and the projector's initialisation) and ``llm.init_seed``; the towers are the same
+for every seed (random ones from their fixed ``init_seed``; pretrained ones trained once into the tower cache,
+which every run shares), so the spread is that of the LMM's training, not of the towers'. Extra
+``key=value`` arguments go to every run. Each run keeps its own run directory
+(``runs/<prefix>-<encoder>-s<seed>``); a rerun skips runs that finished (their ``summary.json`` exists) and
+resumes the others. Results go to ``runs/<prefix>/results.json`` and ``table.md``.
 """
 
 from __future__ import annotations
@@ -26,8 +29,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-#: encoder name -> the overrides that select it on top of configs/default.yaml.
-ENCODERS: dict[str, list[str]] = {"clip": [], "fused": ["encoder=fused_tiny"]}
+#: towers -> encoder name -> the overrides that select it on top of configs/default.yaml. ``random``: the
+#: default's frozen random towers; ``pretrained``: towers pretrained in-world (cached, shared by every run).
+TOWERS: dict[str, dict[str, list[str]]] = {
+    "random": {"clip": ["encoder=clip_tiny"], "fused": ["encoder=fused_tiny"]},
+    "pretrained": {"clip": ["encoder=clip_tiny_pretrained"], "fused": ["encoder=fused_tiny_pretrained"]},
+}
+ENCODERS = tuple(TOWERS["random"])
 #: (key in a run's results, column title).
 METRICS: tuple[tuple[str, str], ...] = (
     ("pointing", "pointing"),
@@ -49,9 +57,15 @@ class AblationRun:
 
 
 def plan_runs(
-    encoders: Sequence[str], seeds: Sequence[int], overrides: Sequence[str] = (), prefix: str = "ablation"
+    encoders: Sequence[str],
+    seeds: Sequence[int],
+    overrides: Sequence[str] = (),
+    prefix: str = "ablation",
+    towers: str = "random",
 ) -> list[AblationRun]:
     """One run per (encoder, seed), encoders outermost."""
+    if towers not in TOWERS:
+        raise ValueError(f"unknown towers {towers!r}; expected one of {sorted(TOWERS)}")
     unknown = [e for e in encoders if e not in ENCODERS]
     if unknown:
         raise ValueError(f"unknown encoders {unknown}; expected some of {sorted(ENCODERS)}")
@@ -63,7 +77,7 @@ def plan_runs(
         for seed in seeds:
             name = f"{prefix}-{encoder}-s{seed}"
             args = (
-                *ENCODERS[encoder],
+                *TOWERS[towers][encoder],
                 f"run_name={name}",
                 f"seed={seed}",
                 f"llm.init_seed={seed}",
@@ -153,20 +167,32 @@ def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lmm.ablation", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=sorted(ENCODERS))
+    parser.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=ENCODERS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=Path("runs/ablation"), help="results.json and table.md")
-    parser.add_argument("--prefix", default="ablation", help="run names: <prefix>-<encoder>-s<seed>")
+    parser.add_argument(
+        "--towers",
+        default="random",
+        choices=sorted(TOWERS),
+        help="frozen random or in-world pretrained towers",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="results.json and table.md (runs/<prefix>/)")
+    parser.add_argument(
+        "--prefix", default=None, help="run names: <prefix>-<encoder>-s<seed> (ablation[-pretrained])"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted.key=value for every run (e.g. runs_dir=...)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.prefix is None:
+        args.prefix = "ablation" if args.towers == "random" else f"ablation-{args.towers}"
+    if args.out is None:
+        args.out = Path("runs") / args.prefix
     from lmm.config_loading import ConfigError, load_config
 
     try:  # every run's config is checked before the first one starts
-        runs = plan_runs(args.encoders, args.seeds, args.overrides, args.prefix)
+        runs = plan_runs(args.encoders, args.seeds, args.overrides, args.prefix, args.towers)
         configs = {run.run_name: load_config(None, list(run.overrides)) for run in runs}
     except (ConfigError, ValueError) as err:
         print(f"config error: {err}", file=sys.stderr)

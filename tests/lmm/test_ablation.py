@@ -18,10 +18,30 @@ def test_runs_vary_encoder_and_seed_and_refuse_overrides_they_own():
     assert runs[3].overrides == (
         "encoder=fused_tiny", "run_name=ablation-fused-s1", "seed=1", "llm.init_seed=1", "stages.pretrain.max_steps=3"
     )  # fmt: skip
+    assert runs[0].overrides[0] == "encoder=clip_tiny"
     with pytest.raises(ValueError, match="seed=4"):
         plan_runs(["clip"], [0], ["seed=4"])
     with pytest.raises(ValueError, match="unknown encoders"):
         plan_runs(["sam"], [0])
+
+
+def test_pretrained_towers_select_encoders_that_pretrain_every_tower():
+    from lmm.config_loading import load_config
+
+    for random_run, pretrained_run in zip(
+        plan_runs(["clip", "fused"], [0]), plan_runs(["clip", "fused"], [0], towers="pretrained"), strict=True
+    ):
+        random, pretrained = (
+            load_config(None, list(r.overrides)).encoder for r in (random_run, pretrained_run)
+        )
+        assert pretrained.name == random.name
+        if random.name == "clip":
+            assert random.pretrain is None and pretrained.pretrain is not None
+        else:  # the fused encoder: its CLIP tower, VAE and U-Net
+            assert random.pretrain is None and random.clip.pretrain is None
+            assert pretrained.pretrain is not None and pretrained.clip.pretrain is not None
+    with pytest.raises(ValueError, match="unknown towers"):
+        plan_runs(["clip"], [0], towers="imagenet")
 
 
 def test_mean_and_sample_std():

@@ -18,6 +18,7 @@ from encoders.clip import ClipEncoder
 from lmm.config_loading import load_config
 
 TINY_CLIP = [
+    "encoder=clip_tiny_pretrained",  # the default's tower is random; this fragment pretrains it
     "encoder.image_size=32",
     "encoder.patch_size=8",
     "encoder.width=32",
