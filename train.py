@@ -109,10 +109,21 @@ def main(argv: list[str] | None = None) -> int:
     if config.trainer.num_threads:
         torch.set_num_threads(config.trainer.num_threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
+    start = time.perf_counter()
+    prepared = []
     if config.data.shapes is not None:
         from datamodules.shapes import ensure_world
 
         ensure_world(config.data.shapes, Path(config.data.root))
+        prepared.append({"stage": "world", "seconds": round(time.perf_counter() - start, 1)})
+    # In-world pretrained visual towers (encoder.pretrain): trained once into the tower cache, then reused.
+    from lmm.towers import ensure_towers
+
+    config, tower_stages = ensure_towers(config)
+    prepared += tower_stages
+    if tower_stages:
+        run.write_config(config)  # now naming the cached tower files the encoder loads
+        L.seed_everything(config.seed, workers=True, verbose=False)
     if requeue is not None:
         log.info(
             "SLURM job %s, restart %s: SIGUSR1 saves a checkpoint at the next optimizer step and requeues",
@@ -120,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.get("SLURM_RESTART_COUNT", "0"),
         )
 
-    start = time.perf_counter()
     model = build_model(config, run.init_dir)
     summaries = []
     try:
@@ -136,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rank_zero:  # the evaluation and the summary are rank 0's
         return 0
     qa = run_qa_eval(config, model)
-    stages = merge_stage_summaries(read_stage_summaries(run.summary_file), summaries)
+    stages = merge_stage_summaries(read_stage_summaries(run.summary_file), prepared + summaries)
     report = {"stages": stages, "seconds": round(time.perf_counter() - start, 1)}
     if qa is not None:
         report["qa_accuracy"] = qa["accuracy"]

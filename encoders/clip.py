@@ -10,6 +10,7 @@ without running the layers above it, as LLaVA does with ``hidden_states[-2][:, 1
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import zipfile
@@ -37,6 +38,11 @@ class ClipEncoder(VisualEncoder):
     def __init__(self, config: ClipEncoderConfig) -> None:
         super().__init__()
         self.config = config
+        if config.pretrain is not None and config.weights is None:
+            raise ValueError(
+                "encoder.pretrain is set but encoder.weights is not: the in-world tower has not been trained "
+                "or found in the cache yet (train.py does it first: lmm.towers.ensure_towers)"
+            )
         if config.model == "hf":
             self.backend = "hf"
             self.tower, self._image_size, self._patch_size, self._width, self._mean, self._std = (
@@ -91,6 +97,12 @@ class ClipEncoder(VisualEncoder):
         return out["image_intermediates"][0]
 
 
+def build_vision_tower(config: ClipEncoderConfig) -> nn.Module:
+    """The open_clip ``VisionTransformer`` the encoder runs, randomly initialised from ``init_seed``
+    (``weights`` ignored): what in-world pretraining (``encoders.pretraining.contrastive``) trains."""
+    return _build_open_clip_tower(dataclasses.replace(config, weights=None))
+
+
 def _build_open_clip_tower(config: ClipEncoderConfig) -> nn.Module:
     import open_clip
     from open_clip.transformer import LayerNorm, VisionTransformer
@@ -119,7 +131,8 @@ def _build_open_clip_tower(config: ClipEncoderConfig) -> nn.Module:
             layers=n_layers,
             heads=width // vision.get("head_width", 64),
             mlp_ratio=vision.get("mlp_ratio", 4.0),
-            output_dim=arch["embed_dim"],
+            # An in-world pretrained tower keeps its contrastive projection, of the recipe's width.
+            output_dim=config.pretrain.embed_dim if config.pretrain is not None else arch["embed_dim"],
             act_layer=QuickGELU if config.quick_gelu else nn.GELU,
             norm_layer=LayerNorm,
         )

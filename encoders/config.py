@@ -39,6 +39,54 @@ def _positive(owner: object, *names: str) -> None:
 
 
 @dataclasses.dataclass
+class TextTowerConfig:
+    """The text tower beside a contrastively pretrained CLIP: open_clip's ``TextTransformer`` at this size,
+    over open_clip's own BPE tokenizer (49408 tokens, works offline). Its per-token outputs also condition
+    the in-world U-Net (``DiffusionPretrainConfig``), as CLIP's text encoder conditions Stable Diffusion."""
+
+    context_length: int = 32
+    width: int = 64
+    heads: int = 2
+    layers: int = 2
+
+    def __post_init__(self) -> None:
+        _positive(self, "context_length", "width", "heads", "layers")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
+
+
+@dataclasses.dataclass
+class ClipPretrainConfig:
+    """In-world contrastive pretraining of a CLIP vision tower (``encoder.pretrain``).
+
+    The tower (the encoder's own architecture, initialised from its ``init_seed``) and a text tower learn
+    the world's image-caption pairs with open_clip's ``ClipLoss``; the vision tower is then cached (keyed by
+    a hash of the architecture, this recipe and the data) and loaded frozen by every run that names the same
+    recipe. ``train.py`` trains it when the cache has no entry for it.
+    """
+
+    text: TextTowerConfig = dataclasses.field(default_factory=TextTowerConfig)
+    #: Width of the joint image-text space (the towers' projections); also the vision tower's ``proj``.
+    embed_dim: int = 128
+    steps: int = 400
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    #: How images are fitted to the tower's square while it learns (as the LMM stages do: ``Aspect``).
+    aspect: Aspect = "pad"
+    #: Seed of the data order (the tower's initialisation comes from the encoder's ``init_seed``).
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "embed_dim", "steps", "batch_size", "lr")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclasses.dataclass
 class ClipEncoderConfig:
     """Schema of ``encoder:`` when ``name: clip``. Size fields left at None keep the named architecture's."""
 
@@ -55,15 +103,66 @@ class ClipEncoderConfig:
     layers: int | None = None
     head_width: int | None = None
     init_seed: int = 0
+    #: Pretrain the tower in-world (contrastively, cached) instead of loading ``weights`` or keeping a random
+    #: one. ``train.py`` fills ``weights`` with the cached file, so the run's config.yaml names it.
+    pretrain: ClipPretrainConfig | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "image_size", "patch_size", "width", "layers", "head_width")
+        if self.pretrain is not None and self.model == "hf":
+            raise ValueError("pretrain needs an open_clip architecture (model), not 'hf'")
         if self.image_size is not None and self.patch_size is not None and self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
             )
         if self.width is not None and self.head_width is not None and self.width % self.head_width:
             raise ValueError(f"width {self.width} is not a multiple of head_width {self.head_width}")
+
+
+@dataclasses.dataclass
+class VaePretrainConfig:
+    """In-world training of the diffusion encoder's VAE: reconstruction (L1 + MSE) plus a small KL term."""
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "batch_size", "lr")
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+
+
+@dataclasses.dataclass
+class UnetPretrainConfig:
+    """In-world training of the U-Net: DDPM's noise-prediction loss on the frozen VAE's latents, conditioned
+    on the captions' text-tower tokens (the CLIP recipe's text tower), so its cross-attention learns to read
+    what the caption says is where."""
+
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 5e-4
+    #: Fraction of captions replaced by the empty caption (as Stable Diffusion trains for guidance).
+    uncond_prob: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "batch_size", "lr")
+        if not 0.0 <= self.uncond_prob < 1.0:
+            raise ValueError(f"uncond_prob must be in [0, 1), got {self.uncond_prob}")
+
+
+@dataclasses.dataclass
+class DiffusionPretrainConfig:
+    """In-world pretraining of the diffusion encoder's VAE and U-Net (``encoder.pretrain``), each cached
+    like the CLIP tower; ``train.py`` fills ``sd_path`` with the cached Stable-Diffusion-layout folder."""
+
+    vae: VaePretrainConfig = dataclasses.field(default_factory=VaePretrainConfig)
+    unet: UnetPretrainConfig = dataclasses.field(default_factory=UnetPretrainConfig)
+    #: How images are fitted to the encoder's square while the towers learn (``Aspect``).
+    aspect: Aspect = "pad"
 
 
 @dataclasses.dataclass
@@ -105,6 +204,9 @@ class DiffusionEncoderConfig:
     vae_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     scheduler_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     clip: ClipEncoderConfig = dataclasses.field(default_factory=ClipEncoderConfig)
+    #: Pretrain the VAE and U-Net (of ``vae_config`` / ``unet_config``) in-world, cached, instead of
+    #: loading ``sd_path`` or keeping random ones; needs ``clip.pretrain`` (its text tower conditions the U-Net).
+    pretrain: DiffusionPretrainConfig | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "image_size")
@@ -112,6 +214,18 @@ class DiffusionEncoderConfig:
             raise ValueError(f"timestep must be >= 0, got {self.timestep}")
         if self.up_block < 0:
             raise ValueError(f"up_block must be >= 0, got {self.up_block}")
+        if self.pretrain is not None:
+            if self.clip.pretrain is None:
+                raise ValueError(
+                    "pretrain needs clip.pretrain: the U-Net learns from the CLIP recipe's text tower"
+                )
+            cross = self.unet_config.get("cross_attention_dim", 768)
+            text_width = self.clip.pretrain.text.width
+            if cross != text_width:
+                raise ValueError(
+                    f"pretrain conditions the U-Net on the text tower's tokens: unet_config.cross_attention_dim "
+                    f"({cross}) must equal clip.pretrain.text.width ({text_width})"
+                )
 
 
 @dataclasses.dataclass

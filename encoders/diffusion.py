@@ -118,6 +118,11 @@ class DiffusionEncoder(VisualEncoder):
         if config.scheduler not in SCHEDULERS:
             raise ValueError(f"encoder.scheduler {config.scheduler!r} is not one of {SCHEDULERS}")
         self.config = config
+        if config.pretrain is not None and config.sd_path is None:
+            raise ValueError(
+                "encoder.pretrain is set but encoder.sd_path is not: the in-world VAE and U-Net have not been "
+                "trained or found in the cache yet (train.py does it first: lmm.towers.ensure_towers)"
+            )
         if config.sd_path is not None:
             self.vae, self.unet, self.scheduler = _load_sd_folder(config)
         else:
@@ -361,6 +366,30 @@ def _up_block_channels(unet: nn.Module, up_block: int) -> int:
     return list(reversed(unet.config.block_out_channels))[up_block]
 
 
+def build_vae(config: DiffusionEncoderConfig) -> nn.Module:
+    """A randomly initialised ``AutoencoderKL`` of SD-1.5's architecture updated by ``vae_config`` (from
+    ``init_seed``): what in-world pretraining (``encoders.pretraining.vae``) trains."""
+    from diffusers import AutoencoderKL
+
+    with seeded_init(config.init_seed):
+        return AutoencoderKL(**{**sd15_vae_config(), **config.vae_config})
+
+
+def build_unet(config: DiffusionEncoderConfig) -> nn.Module:
+    """A randomly initialised ``UNet2DConditionModel`` of SD-1.5's architecture updated by ``unet_config``."""
+    from diffusers import UNet2DConditionModel
+
+    with seeded_init(config.init_seed):
+        unet = UNet2DConditionModel(**{**sd15_unet_config(), **config.unet_config})
+    check_unet_supported(unet)
+    return unet
+
+
+def build_scheduler(config: DiffusionEncoderConfig, name: str = "ddpm") -> Any:
+    """The noise scheduler of SD-1.5's schedule updated by ``scheduler_config``."""
+    return _scheduler_class(name)(**{**sd15_scheduler_config(), **config.scheduler_config})
+
+
 def _build_random_sd(config: DiffusionEncoderConfig) -> tuple[nn.Module, nn.Module, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -379,7 +408,8 @@ def _load_sd_folder(config: DiffusionEncoderConfig) -> tuple[nn.Module, nn.Modul
         raise FileNotFoundError(f"encoder.sd_path {folder} is not a folder")
     for component in SD_COMPONENTS:
         _check_component(folder, component, config.variant)
-    if config.unet_config or config.vae_config or config.scheduler_config:
+    if (config.unet_config or config.vae_config or config.scheduler_config) and config.pretrain is None:
+        # (With ``pretrain`` they described the architecture the in-world towers in sd_path were trained with.)
         log.warning("encoder.unet_config/vae_config/scheduler_config are ignored: loading %s", folder)
     vae = AutoencoderKL.from_pretrained(
         folder, subfolder="vae", variant=config.variant, local_files_only=True

@@ -76,6 +76,10 @@ class ImageTransform:
 
     def batch(self, images: Sequence[Tensor]) -> Tensor:
         """``(H, W, 3)`` uint8 images of any sizes, all on one device -> ``(N, 3, size, size)`` float32 there."""
+        return self.normalize(self.squares(images))
+
+    def squares(self, images: Sequence[Tensor]) -> Tensor:
+        """The geometric half of ``batch``: ``(H, W, 3)`` uint8 images -> ``(N, 3, size, size)`` uint8 squares."""
         if not images:
             raise ValueError("ImageTransform.batch needs at least one image")
         device = images[0].device
@@ -88,9 +92,13 @@ class ImageTransform:
             # Same-size images (every image of a rendered data set) are resampled in one call.
             stack = torch.stack([images[i] for i in rows]).permute(0, 3, 1, 2)
             out[rows] = self._square(stack, height, width)
-        scale = torch.tensor(self.std, device=device).mul_(255.0).view(1, 3, 1, 1)
-        shift = torch.tensor(self.mean, device=device).mul_(255.0).view(1, 3, 1, 1)
-        return out.float().sub_(shift).div_(scale)
+        return out
+
+    def normalize(self, squares: Tensor) -> Tensor:
+        """The normalising half of ``batch``: ``(N, 3, size, size)`` uint8 -> float32 with ``mean`` / ``std``."""
+        scale = torch.tensor(self.std, device=squares.device).mul_(255.0).view(1, 3, 1, 1)
+        shift = torch.tensor(self.mean, device=squares.device).mul_(255.0).view(1, 3, 1, 1)
+        return squares.float().sub_(shift).div_(scale)
 
     def _square(self, images: Tensor, height: int, width: int) -> Tensor:
         bicubic = TF.InterpolationMode.BICUBIC

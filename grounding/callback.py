@@ -5,7 +5,8 @@ attend-and-segment on a GCG-format validation set (images, COCO instances JSON, 
 ``labels``), sharded across ranks, gathers the predictions on rank 0 and computes GLaMM's GCG metrics (AP50,
 greedy mIoU, mask recall) plus phrase pointing accuracy (is each phrase's attention peak inside the object
 it names). Scalars go to TensorBoard under ``grounding/``, a few overlays (the demo's drawing) under
-``grounding/overlay_<i>``, and the history to ``runs/<name>/grounding/metrics.json``. The model is reached
+``grounding/overlay_<i>``, and the history to ``runs/<name>/grounding/metrics.json`` and as a plot to
+``runs/<name>/grounding/curve.png``. The model is reached
 through ``groundable(pl_module)``, a function the wiring passes in that returns a
 ``grounding.protocol.GroundableModel`` for the stage being trained (its template and image aspect), so this
 module never needs to know the model's class. ``grounding.evaluator.GroundingEvaluator`` is the evaluation
@@ -129,6 +130,9 @@ class GroundingCallback(L.Callback):
         self.history.append(record)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "metrics.json").write_text(json.dumps(self.history, indent=1))
+        from grounding.curve_plot import plot_grounding_curve
+
+        plot_grounding_curve(self.history, self.out_dir / "curve.png")
         log.info(
             "grounding at %s step %d: %s",
             record["stage"],

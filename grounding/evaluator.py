@@ -2,7 +2,8 @@
 
 The set is a folder with ``images/``, a COCO instances JSON (``gcg_masks.json``) and a COCO captions JSON with
 ``labels`` (``gcg_captions.json``). Metrics: AP50, greedy mIoU and mask recall (GLaMM's definitions), phrase
-pointing accuracy (is each phrase's attention peak inside the object it names) and its chance level. Used by
+pointing accuracy (is each phrase's attention peak inside the object it names) and its chance level, and
+description accuracy (does the description name every object right: ``grounding.description``). Used by
 the training callback and by ``python -m grounding layer-sweep``.
 """
 
@@ -18,6 +19,7 @@ from PIL import Image
 from grounding.attend import AttendAndSegment, GroundedResponse
 from grounding.coco_io import GCGGroundTruth, load_gcg_ground_truth, rle_area
 from grounding.config import GroundingEvalConfig
+from grounding.description import DescriptionAccuracy
 from grounding.evaluate import evaluate_gcg
 from grounding.metrics import PhrasePointingAccuracy
 from grounding.protocol import GroundableModel
@@ -101,6 +103,11 @@ class GroundingEvaluator:
             img = data.gt.images[iid]
             pointing.update(img.gt_masks, img.labels, r.phrases if r else [], r.points if r else [])
         metrics["pointing"] = float(pointing.compute())
+        description = DescriptionAccuracy(self.config.description_words, sync_on_compute=False)
+        for iid in data.gt.eval_ids:
+            r = results.get(iid)
+            description.update(data.gt.images[iid].labels, r.phrases if r else [])
+        metrics["description"] = float(description.compute())
         metrics["phrases_per_image"] = (
             float(np.mean([len(r.phrases) for r in results.values()])) if results else 0.0
         )

@@ -229,6 +229,21 @@ class QAEvalConfig:
 
 
 @dataclasses.dataclass
+class TowersConfig:
+    """Schema of ``towers:``: where in-world pretrained visual towers (``encoder.pretrain``) are cached, and the
+    image-caption shards they learn from. One cache serves every run: an entry is keyed by a hash of its tower's
+    architecture, recipe and data, so runs that name the same tower share it and a changed one retrains."""
+
+    cache_dir: str = "data/towers"
+    data: str = "pretrain"  # shard folder, relative to data.root unless absolute
+    #: Save a resumable checkpoint of a tower stage every this many steps.
+    checkpoint_every_n_steps: int = 100
+
+    def __post_init__(self) -> None:
+        _positive(self, "checkpoint_every_n_steps")
+
+
+@dataclasses.dataclass
 class InitConfig:
     """Schema of ``init:``: initial weights from outside the project."""
 
@@ -255,6 +270,7 @@ class TrainConfig:
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     qa_eval: QAEvalConfig = dataclasses.field(default_factory=QAEvalConfig)
     grounding: GroundingEvalConfig = dataclasses.field(default_factory=GroundingEvalConfig)
+    towers: TowersConfig = dataclasses.field(default_factory=TowersConfig)
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
 
     @property

@@ -53,6 +53,15 @@ RESUMABLE_KEYS: tuple[str, ...] = (
 )
 
 
+#: Weight paths ``train.py`` fills in from an in-world pretraining recipe (``lmm.towers.ensure_towers``):
+#: weight key -> the recipe key whose tower they name.
+TOWER_WEIGHTS: dict[str, str] = {
+    "encoder.weights": "encoder.pretrain.steps",  # CLIP encoder
+    "encoder.sd_path": "encoder.pretrain.vae.steps",  # diffusion encoder
+    "encoder.clip.weights": "encoder.clip.pretrain.steps",  # the diffusion encoder's CLIP
+}
+
+
 class RunBindingError(Exception):
     """A rerun whose config differs from the run's own in keys that shape what was trained (one line)."""
 
@@ -89,6 +98,11 @@ def check_run_binding(config: TrainConfig) -> Binding:
         # saved sections name the unpacked files: the source folder is what is compared, not them.
         config = dataclasses.replace(config, encoder=saved.encoder, projector=saved.projector, llm=saved.llm)
     old, new = _flatten(config_to_dict(saved)), _flatten(config_to_dict(config))
+    for key, pretrain in TOWER_WEIGHTS.items():
+        # train.py names the cached in-world tower's files (lmm.towers) after this check: the tower's recipe
+        # (``pretrain``), compared like any key, decides them.
+        if new.get(key, _ABSENT) is None and new.get(pretrain) is not None and key in old:
+            new[key] = old[key]
     differing = sorted(k for k in old.keys() | new.keys() if old.get(k, _ABSENT) != new.get(k, _ABSENT))
     started = [s for s in saved.run_stages if run.newest_checkpoint(s) is not None]
     fixed = [k for k in differing if started and not _may_change(k, saved, config, started)]

@@ -33,6 +33,7 @@ PATH_KEYS: tuple[str, ...] = (
     "grounding.sam_checkpoint",
     "grounding.text_model",
     "init.llava_hf",
+    "towers.cache_dir",
 )
 
 

@@ -42,6 +42,7 @@ def tiny_overrides(world, run_root, run_name="t", steps=(4, 4)):
         "encoder.width=64",
         "encoder.layers=2",
         "encoder.head_width=32",
+        "encoder.pretrain=null",  # a random tower: tests of the tower stages pretrain tiny ones themselves
         "llm.hidden_size=64",
         "llm.num_layers=2",
         "llm.num_heads=2",

@@ -321,6 +321,20 @@ def test_run_stages_may_grow_or_shrink_but_not_reorder_what_trained(tmp_path):
         _check(tmp_path, ["run_stages=[instruct]"])
 
 
+def test_the_cached_tower_train_py_names_binds_through_its_recipe(tmp_path):
+    """``train.py`` writes the cached in-world tower's file into ``encoder.weights`` (lmm.towers) after the
+    check: a rerun of the same command (weights unset) continues the run; another recipe does not."""
+    from lmm.run_binding import RunBindingError
+
+    cached = tmp_path / "towers" / "clip-abc" / "visual.safetensors"
+    _fake_run(tmp_path, ["encoder=clip_tiny_pretrained", f"encoder.weights={cached}"], started=("pretrain",))
+    assert _check(tmp_path, ["encoder=clip_tiny_pretrained"]).changed == {}
+    with pytest.raises(RunBindingError, match=r"encoder\.pretrain\.steps \(400 -> 5\)"):
+        _check(tmp_path, ["encoder=clip_tiny_pretrained", "encoder.pretrain.steps=5"])
+    with pytest.raises(RunBindingError, match=r"encoder\.weights"):
+        _check(tmp_path, [])  # the random tower of the default is another model
+
+
 def test_every_path_field_of_the_schema_is_resolved():
     """A string field of the schema is either a path (made absolute at train time) or one of these names;
     a new field must be classified here, or a run could again depend on the folder it runs from."""
@@ -334,7 +348,7 @@ def test_every_path_field_of_the_schema_is_resolved():
     not_paths = {
         "run_name", "trainer.strategy", "encoder.name", "encoder.model", "encoder.variant", "encoder.clip.name",
         "encoder.clip.model", "grounding.prompt", "grounding.spacy_model", "grounding.data", "qa_eval.questions",
-        "stages.*.data",
+        "stages.*.data", "towers.data",
     }  # fmt: skip
 
     def strings(cls, prefix):  # noqa: ANN001, ANN202

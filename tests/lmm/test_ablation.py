@@ -1,0 +1,95 @@
+"""The encoder ablation command (lmm.ablation): run planning, collection and statistics against hand-worked
+values, and one real (tiny) ablation end to end."""
+
+import json
+import math
+
+import pytest
+
+from lmm.ablation import collect, difference, format_table, main, mean_std, plan_runs
+
+
+def test_runs_vary_encoder_and_seed_and_refuse_overrides_they_own():
+    runs = plan_runs(["clip", "fused"], [0, 1], ["stages.pretrain.max_steps=3"])
+    assert [(r.encoder, r.seed, r.run_name) for r in runs] == [
+        ("clip", 0, "ablation-clip-s0"), ("clip", 1, "ablation-clip-s1"),
+        ("fused", 0, "ablation-fused-s0"), ("fused", 1, "ablation-fused-s1"),
+    ]  # fmt: skip
+    assert runs[3].overrides == (
+        "encoder=fused_tiny", "run_name=ablation-fused-s1", "seed=1", "llm.init_seed=1", "stages.pretrain.max_steps=3"
+    )  # fmt: skip
+    assert runs[0].overrides[0] == "encoder=clip_tiny"
+    with pytest.raises(ValueError, match="seed=4"):
+        plan_runs(["clip"], [0], ["seed=4"])
+    with pytest.raises(ValueError, match="unknown encoders"):
+        plan_runs(["sam"], [0])
+
+
+def test_pretrained_towers_select_encoders_that_pretrain_every_tower():
+    from lmm.config_loading import load_config
+
+    for random_run, pretrained_run in zip(
+        plan_runs(["clip", "fused"], [0]), plan_runs(["clip", "fused"], [0], towers="pretrained"), strict=True
+    ):
+        random, pretrained = (
+            load_config(None, list(r.overrides)).encoder for r in (random_run, pretrained_run)
+        )
+        assert pretrained.name == random.name
+        if random.name == "clip":
+            assert random.pretrain is None and pretrained.pretrain is not None
+        else:  # the fused encoder: its CLIP tower, VAE and U-Net
+            assert random.pretrain is None and random.clip.pretrain is None
+            assert pretrained.pretrain is not None and pretrained.clip.pretrain is not None
+    with pytest.raises(ValueError, match="unknown towers"):
+        plan_runs(["clip"], [0], towers="imagenet")
+
+
+def test_mean_and_sample_std():
+    assert mean_std([0.8, 0.9, 1.0]) == pytest.approx((0.9, 0.1))
+    assert mean_std([0.5]) == (0.5, 0.0)
+
+
+def _fake_run(folder, pointing, qa, seconds, tower=0.0):
+    (folder / "grounding").mkdir(parents=True)
+    history = [{"stage": "instruct", "step": 4, "pointing": 0.0}, {"stage": "instruct", "step": 8,
+               "pointing": pointing, "recall": pointing / 2, "miou": 0.5, "ap50": 0.1, "description": 0.7}]  # fmt: skip
+    (folder / "grounding" / "metrics.json").write_text(json.dumps(history))
+    stages = [{"stage": "tower:clip", "seconds": tower}, {"stage": "pretrain", "seconds": 5.0}]
+    (folder / "summary.json").write_text(
+        json.dumps({"stages": stages, "seconds": seconds, "qa_accuracy": qa})
+    )
+    return folder
+
+
+def test_collect_takes_the_last_evaluation_and_leaves_tower_time_out(tmp_path):
+    row = collect(_fake_run(tmp_path / "r", 0.9, 0.8, 100.0, tower=30.0))
+    assert row["pointing"] == 0.9 and row["recall"] == 0.45 and row["qa"] == 0.8
+    assert row["seconds"] == 70.0 and row["tower_seconds"] == 30.0
+
+
+def test_table_and_difference(tmp_path):
+    results = {
+        "clip": [collect(_fake_run(tmp_path / f"c{i}", p, 0.8, 60.0)) for i, p in enumerate([0.8, 0.9, 1.0])],
+        "fused": [collect(_fake_run(tmp_path / f"f{i}", p, 0.7, 90.0)) for i, p in enumerate([0.6, 0.7])],
+    }
+    d, se = difference(results, "pointing")
+    assert d == pytest.approx(0.65 - 0.9)
+    assert se == pytest.approx(math.sqrt(0.1**2 / 3 + 0.0707107**2 / 2), rel=1e-4)
+    table = format_table(results)
+    assert "| clip | 3 | 0.900 ± 0.100 |" in table and "| fused | 2 | 0.650 ± 0.071 |" in table
+    assert "pointing -0.250" in table
+
+
+@pytest.mark.slow
+def test_a_tiny_ablation_end_to_end(tiny_world, tmp_path, capsys):
+    from conftest import tiny_overrides
+
+    overrides = [o for o in tiny_overrides(tiny_world, tmp_path / "runs") if not o.startswith("run_name=")]
+    out = tmp_path / "ablation"
+    assert main(["--encoders", "clip", "--seeds", "0", "1", "--out", str(out), *overrides]) == 0
+    results = json.loads((out / "results.json").read_text())["runs"]["clip"]
+    assert [r["seed"] for r in results] == [0, 1] and all(0 <= r["pointing"] <= 1 for r in results)
+    assert "| clip | 2 |" in (out / "table.md").read_text()
+    # A second call reuses the finished runs.
+    assert main(["--encoders", "clip", "--seeds", "0", "1", "--out", str(out), *overrides]) == 0
+    assert "finished before" in capsys.readouterr().out

@@ -1,0 +1,206 @@
+"""The tower stages (lmm.towers): in-world pretraining of the visual towers, cached by config.
+
+Tiny towers on the tiny shapes world: the contrastive stage's loss falls and its cache entry holds only the
+vision tower (which the CLIP encoder then loads exactly); the same tower config reuses the entry without
+training; a changed one trains a new entry; the VAE and U-Net entries load into the fused encoder; two
+processes racing for one entry train it once.
+"""
+
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from encoders.clip import ClipEncoder
+from lmm.config_loading import load_config
+
+TINY_CLIP = [
+    "encoder=clip_tiny_pretrained",  # the default's tower is random; this fragment pretrains it
+    "encoder.image_size=32",
+    "encoder.patch_size=8",
+    "encoder.width=32",
+    "encoder.layers=2",
+    "encoder.head_width=16",
+    "encoder.pretrain.text={context_length: 24, width: 32, heads: 2, layers: 1}",
+    "encoder.pretrain.embed_dim=32",
+    "encoder.pretrain.batch_size=32",
+    "encoder.pretrain.steps=60",
+    "encoder.pretrain.lr=3e-3",
+    "encoder.pretrain.warmup_steps=10",
+]
+
+
+def tower_config(world, cache, extra=()):
+    return load_config(
+        None,
+        [
+            f"data.root={world}",
+            "data.shapes=null",
+            f"towers.cache_dir={cache}",
+            "towers.checkpoint_every_n_steps=10",
+            "trainer.progress_bar=false",
+            "trainer.accelerator=cpu",
+            *TINY_CLIP,
+            *extra,
+        ],
+    )
+
+
+def _entry(cache, kind):
+    """The one complete entry of ``kind`` in ``cache`` and its tower.json."""
+    (marker,) = Path(cache).glob(f"{kind}-*/tower.json")
+    return marker.parent, json.loads(marker.read_text())
+
+
+def test_contrastive_loss_falls_and_the_entry_holds_only_the_vision_tower(tiny_world, tmp_path):
+    from lmm.towers import ensure_towers
+
+    config, summaries = ensure_towers(tower_config(tiny_world, tmp_path / "towers"))
+    assert [s["stage"] for s in summaries] == ["tower:clip"] and "skipped" not in summaries[0]
+    entry, info = _entry(tmp_path / "towers", "clip")
+    losses = [loss for _, loss in info["loss_history"]]
+    assert len(losses) == 60
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.85 * first, (first, last)  # from about ln(32) = 3.47, chance for a batch of 32
+
+    # The weight file the encoder loads holds the vision tower and nothing else; no training checkpoint stays.
+    assert config.encoder.weights == str(entry / "visual.safetensors")
+    visual = load_file(config.encoder.weights)
+    encoder = ClipEncoder(config.encoder)
+    assert set(visual) == {f"visual.{k}" for k in encoder.tower.state_dict()}
+    assert not list(entry.rglob("*.ckpt")) and not (tmp_path / "towers" / f"{entry.name}.partial").exists()
+    for key, value in encoder.tower.state_dict().items():
+        assert torch.equal(value, visual[f"visual.{key}"]), key
+    assert not any(p.requires_grad for p in encoder.tower.parameters())
+
+    # The pretrained towers tell the world's captions apart far better than the random ones they started as.
+    trained = _retrieval_accuracy(config, tiny_world, entry)
+    assert trained > 2 * _retrieval_accuracy(config, tiny_world, None), trained
+
+
+def _retrieval_accuracy(config, world, entry):
+    """Image -> caption top-1 retrieval over the tiny world's distinct pretraining captions; ``entry``: the
+    cached towers to load (None: the random initialisation)."""
+    from datamodules.captions import load_pairs
+    from encoders.pretraining.contrastive import ContrastivePretraining
+
+    module = ContrastivePretraining(config.encoder).eval()
+    if entry is not None:
+        visual = load_file(str(entry / "visual.safetensors"))
+        module.visual.load_state_dict({k.removeprefix("visual."): v for k, v in visual.items()})
+        module.text.load_state_dict(load_file(str(entry / "text.safetensors")))
+    squares, captions = load_pairs(world / "pretrain", module.image_transform().squares)
+    first = {c: i for i, c in reversed(list(enumerate(captions)))}
+    keep = sorted(first.values())
+    with torch.no_grad():
+        images, texts = module(
+            module.image_transform().normalize(squares[keep]), module.tokenizer([captions[i] for i in keep])
+        )
+    return float(((images @ texts.T).argmax(1) == torch.arange(len(keep))).float().mean())
+
+
+def test_the_same_tower_config_reuses_the_cache_and_a_changed_one_retrains(tiny_world, tmp_path, monkeypatch):
+    from encoders.pretraining.contrastive import ContrastivePretraining
+    from lmm.towers import ensure_towers
+
+    cache = tmp_path / "towers"
+    first, _ = ensure_towers(tower_config(tiny_world, cache, ["encoder.pretrain.steps=4"]))
+    weights = load_file(first.encoder.weights)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached tower was trained again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ContrastivePretraining, "training_step", no_training)
+        again, summaries = ensure_towers(tower_config(tiny_world, cache, ["encoder.pretrain.steps=4"]))
+    assert summaries == [
+        {"stage": "tower:clip", "skipped": True, "entry": str(Path(first.encoder.weights).parent)}
+    ]
+    assert again.encoder.weights == first.encoder.weights
+    assert all(torch.equal(v, load_file(again.encoder.weights)[k]) for k, v in weights.items())
+
+    # A different recipe (or architecture) is a different tower: a new entry, trained; the old one stays.
+    changed, summaries = ensure_towers(
+        tower_config(tiny_world, cache, ["encoder.pretrain.steps=4", "encoder.pretrain.lr=1e-3"])
+    )
+    assert "skipped" not in summaries[0] and changed.encoder.weights != first.encoder.weights
+    wider, summaries = ensure_towers(
+        tower_config(tiny_world, cache, ["encoder.pretrain.steps=4", "encoder.init_seed=1"])
+    )
+    assert "skipped" not in summaries[0] and wider.encoder.weights not in (
+        first.encoder.weights,
+        changed.encoder.weights,
+    )
+    assert len(list(cache.glob("clip-*/tower.json"))) == 3
+
+
+TINY_FUSED = [
+    "encoder=fused_tiny",
+    "encoder.image_size=32",
+    "encoder.dm_dim=16",
+    "encoder.unet_config={block_out_channels: [16, 32, 32, 32], layers_per_block: 1, cross_attention_dim: 32, attention_head_dim: 4, norm_num_groups: 8}",
+    "encoder.vae_config={block_out_channels: [8, 16, 16], down_block_types: [DownEncoderBlock2D, DownEncoderBlock2D, DownEncoderBlock2D], up_block_types: [UpDecoderBlock2D, UpDecoderBlock2D, UpDecoderBlock2D], layers_per_block: 1, norm_num_groups: 8}",
+    "encoder.clip={name: clip, model: ViT-B-16, image_size: 32, patch_size: 8, width: 32, layers: 2, head_width: 16, pretrain: {text: {context_length: 24, width: 32, heads: 2, layers: 1}, embed_dim: 32, batch_size: 16, steps: 3}}",
+    "encoder.pretrain={vae: {steps: 6, batch_size: 8}, unet: {steps: 6, batch_size: 8}}",
+]
+
+
+def test_the_diffusion_towers_load_from_the_cache_into_the_fused_encoder(tiny_world, tmp_path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from encoders.fused import FusedEncoder
+    from lmm.towers import ensure_towers
+
+    base = load_config(
+        None,
+        [f"data.root={tiny_world}", "data.shapes=null", f"towers.cache_dir={tmp_path / 'towers'}",
+         "trainer.progress_bar=false", "trainer.accelerator=cpu", *TINY_FUSED],
+    )  # fmt: skip
+    config, summaries = ensure_towers(base)
+    assert [s["stage"] for s in summaries] == ["tower:clip", "tower:vae", "tower:sd"]
+    sd = config.encoder.sd_path
+    entry, info = _entry(tmp_path / "towers", "sd")
+    assert sd == str(entry)
+    _, vae_info = _entry(tmp_path / "towers", "vae")
+    assert info["vae"] == vae_info["key"] and info["text"] in config.encoder.clip.weights
+
+    encoder = FusedEncoder(config.encoder)
+    unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(sd, subfolder="vae")
+    for mine, cached in ((encoder.diffusion.unet, unet), (encoder.diffusion.vae, vae)):
+        theirs = cached.state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in mine.state_dict().items())
+    # The scale the VAE stage measured (1 / std of its latents) is the one the encoder multiplies by.
+    assert encoder.diffusion.vae.config.scaling_factor == pytest.approx(vae_info["scaling_factor"])
+    assert vae_info["scaling_factor"] != pytest.approx(0.18215)
+    clip = load_file(config.encoder.clip.weights)
+    for key, value in encoder.diffusion.clip.tower.state_dict().items():
+        assert torch.equal(value, clip[f"visual.{key}"]), key
+    features = encoder.eval()(torch.randn(2, 3, 32, 32))
+    assert features.shape == (2, encoder.num_tokens, encoder.embed_dim) and torch.isfinite(features).all()
+
+
+def _race(args):
+    world, cache, queue = args
+    from lmm.towers import ensure_towers
+
+    _, summaries = ensure_towers(tower_config(world, cache, ["encoder.pretrain.steps=3"]))
+    queue.put(summaries[0].get("skipped", False))
+
+
+def test_two_processes_racing_for_one_tower_train_it_once(tiny_world, tmp_path):
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    workers = [
+        context.Process(target=_race, args=((tiny_world, tmp_path / "towers", queue),)) for _ in range(2)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=300)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert sorted(queue.get() for _ in workers) == [False, True]
+    assert len(list((tmp_path / "towers").glob("clip-*/tower.json"))) == 1
