@@ -1,5 +1,7 @@
-"""The paper's GCG table in one command: ``python -m grounding reproduce gcg --model {llava-1.5,difflmm,hf-llava,
-hf-llava-next} --weights ... --sam CHECKPOINT --granddf DIR --split {val,test} --out DIR --text-model PATH``.
+"""The paper's evaluations, one command each: ``python -m grounding reproduce {gcg,png,res,instance} (--run DIR |
+--model {llava-1.5,difflmm,hf-*} --weights ...) --out DIR ...``, on every visible device, resumable image by image.
+
+``gcg``: ``--sam CHECKPOINT --granddf DIR --split {val,test} --text-model PATH``.
 
 It reads GranD-f's evaluation split in GLaMM's layout (``grounding.granddf``), loads the model from its
 released weights, runs batched attend-and-segment with the paper's settings (greedy, up to 512 new tokens,
