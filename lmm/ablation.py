@@ -153,13 +153,17 @@ def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
                 cells.append("-")
                 continue
             mean, std = stats[encoder][key]
-            cells.append(f"{mean:.0f} ± {std:.0f}" if key == "seconds" else f"{mean:.3f} ± {std:.3f}")
+            digits = 0 if key == "seconds" else 3
+            # One run has no spread to show: a 0 would read as "no variation", so say there is none to measure.
+            spread = f"{std:.{digits}f}" if len(rows) > 1 else "n/a"
+            cells.append(f"{mean:.{digits}f} ± {spread}")
         lines.append(f"| {encoder} | {len(rows)} | " + " | ".join(cells) + " |")
     diffs = []
     for key, title in METRICS[:-1]:
         d = difference(results, key)
         if d is not None:
-            diffs.append(f"{title} {d[0]:+.3f} (s.e. {d[1]:.3f})")
+            one_run = min(len(results["fused"]), len(results["clip"])) < 2
+            diffs.append(f"{title} {d[0]:+.3f} (s.e. {'n/a: one run' if one_run else f'{d[1]:.3f}'})")
     if diffs:
         lines += ["", "fused - clip: " + ", ".join(diffs)]
     return "\n".join(lines)

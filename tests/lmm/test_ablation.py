@@ -79,6 +79,11 @@ def test_table_and_difference(tmp_path):
     assert "| clip | 3 | 0.900 ± 0.100 |" in table and "| fused | 2 | 0.650 ± 0.071 |" in table
     assert "pointing -0.250" in table
 
+    # One run per encoder: a mean, and no spread or standard error claimed.
+    single = {"clip": results["clip"][:1], "fused": results["fused"][:1]}
+    table = format_table(single)
+    assert "| clip | 1 | 0.800 ± n/a |" in table and "(s.e. n/a: one run)" in table and "± 0.000" not in table
+
 
 @pytest.mark.slow
 def test_a_tiny_ablation_end_to_end(tiny_world, tmp_path, capsys):
