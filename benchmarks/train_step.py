@@ -122,8 +122,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "shapes"
-        generate_world(ShapesWorldConfig(n_pretrain=64, n_instruct=64, n_val=1, n_val_qa=1), root)
-        config = load_config(None, [f"data.root={root}", "data.shapes=null", *args.overrides])
+        generate_world(
+            ShapesWorldConfig(n_pretrain=64, n_instruct=64, n_val=1, n_val_qa=1, n_objects=4), root
+        )
+        # The step's cost does not depend on the tower's weights: a random one spares the tower stage.
+        overrides = [f"data.root={root}", "data.shapes=null", "encoder.pretrain=null", *args.overrides]
+        config = load_config(None, overrides)
         stage = config.stages[args.stage]
         base = build_model(config)
         base.configure_stage(args.stage, stage)

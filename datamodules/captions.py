@@ -5,19 +5,19 @@ Each image sample of a LLaVA-format shard folder (``index.json`` + ``shard-*.tar
 a caption-pretraining record). Text-only samples are passed over. The images are fitted once by the tower's
 ``ImageTransform`` (its geometric half, ``squares``) and kept as uint8 squares, so a tower stage's batches cost
 no decoding; the tower normalises them on its device. Batches are drawn without replacement, in an order
-seeded by ``seed``.
+seeded by ``seed``; with ``distinct_captions`` no caption appears twice in a batch (``DistinctCaptionBatches``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.errors import SkipSample
 from datamodules.shards import ShardIndex, decode_sample, read_shard
@@ -86,11 +86,68 @@ def _collate(items: list[tuple[Tensor, str]]) -> tuple[Tensor, list[str]]:
     return torch.stack([square for square, _ in items]), [caption for _, caption in items]
 
 
+class DistinctCaptionBatches(Sampler[list[int]]):
+    """Batches of indices in which no caption repeats, in a shuffled order fixed by ``seed`` and the epoch.
+
+    A contrastive loss scores every other caption of the batch as a wrong match, so two images with the same
+    caption would each be pushed away from their own text. When captions repeat (the shapes world's object
+    captions: 48 phrases over thousands of images), each batch instead holds one image per caption it draws;
+    with as many captions as the batch size, every batch holds each caption once, and a pair of captions that
+    differ in one word (the shape's kind) is always in the batch to be told apart. Samples that cannot
+    complete a batch by the end of the epoch wait for the next permutation (as ``drop_last``).
+    """
+
+    def __init__(self, captions: Sequence[str], batch_size: int, seed: int = 0) -> None:
+        distinct = len(set(captions))
+        if batch_size > distinct:
+            raise ValueError(
+                f"distinct-caption batches of {batch_size} need at least {batch_size} different captions; "
+                f"the data has {distinct} (lower the batch size or turn distinct_captions off)"
+            )
+        self.captions = list(captions)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self._cached: tuple[int, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this at each epoch's start: the next epoch gets the next permutation."""
+        self.epoch = epoch
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        order = torch.randperm(len(self.captions), generator=torch.Generator().manual_seed(self.seed + epoch))
+        open_batches: list[tuple[list[int], set[str]]] = []
+        done: list[list[int]] = []
+        for index in order.tolist():
+            caption = self.captions[index]
+            # The oldest open batch without this caption takes it, so batches fill in order of their start.
+            target = next((b for b in open_batches if caption not in b[1]), None)
+            if target is None:
+                target = ([], set())
+                open_batches.append(target)
+            target[0].append(index)
+            target[1].add(caption)
+            if len(target[0]) == self.batch_size:
+                open_batches.remove(target)
+                done.append(target[0])
+        self._cached = (epoch, done)
+        return done
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches(self.epoch))
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch))
+
+
 class ImageCaptionDataModule(L.LightningDataModule):
     """Shuffled batches of ``(uint8 squares (B, 3, S, S), captions)`` from a shard folder's image samples.
 
     ``transform``: the tower's ``ImageTransform`` (size, aspect and pad colour; normalising is the tower's).
     Incomplete last batches are dropped (a contrastive batch must hold ``batch_size`` pairs).
+    ``distinct_captions``: batches never repeat a caption (``DistinctCaptionBatches``).
     """
 
     def __init__(
@@ -100,8 +157,10 @@ class ImageCaptionDataModule(L.LightningDataModule):
         batch_size: int,
         seed: int = 0,
         limit: int | None = None,
+        distinct_captions: bool = False,
     ) -> None:
         super().__init__()
+        self.distinct_captions = distinct_captions
         self.folder = Path(folder)
         self.transform = transform
         self.batch_size = batch_size
@@ -122,6 +181,9 @@ class ImageCaptionDataModule(L.LightningDataModule):
         return self._pairs
 
     def train_dataloader(self) -> DataLoader:
+        if self.distinct_captions:
+            batches = DistinctCaptionBatches(self.pairs.captions, self.batch_size, self.seed)
+            return DataLoader(self.pairs, batch_sampler=batches, collate_fn=_collate, num_workers=0)
         # Each epoch draws the next permutation from this generator: the order is a function of the seed.
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(

@@ -38,6 +38,9 @@ class ShapesWorldConfig:
     n_instruct: int = 8000
     n_val: int = 100
     n_val_qa: int = 300
+    #: Single-object scenes captioned with their one phrase: the pairs in-world CLIP pretraining learns from,
+    #: where telling two captions apart needs the shape's kind as well as its colour and size.
+    n_objects: int = 4800
     samples_per_shard: int = 1000
     image_sizes: tuple[tuple[int, int], ...] = ((96, 96), (128, 96), (96, 128))
     colours: tuple[str, ...] = tuple(name for name, _ in COLOURS)
@@ -67,7 +70,10 @@ class ShapesWorldConfig:
             raise ValueError(f"unknown colours/kinds: {sorted(unknown)}")
         if len(self.colours) < 2 or len(self.kinds) < 2:
             raise ValueError("need at least two colours and two kinds")
-        if self.samples_per_shard < 1 or min(self.n_pretrain, self.n_instruct, self.n_val, self.n_val_qa) < 0:
+        if (
+            self.samples_per_shard < 1
+            or min(self.n_pretrain, self.n_instruct, self.n_val, self.n_val_qa, self.n_objects) < 0
+        ):
             raise ValueError("counts must be >= 0 and samples_per_shard >= 1")
         if self.max_rounds < 1:
             raise ValueError("max_rounds must be >= 1")

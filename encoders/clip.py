@@ -135,6 +135,7 @@ def _build_open_clip_tower(config: ClipEncoderConfig) -> nn.Module:
             output_dim=config.pretrain.embed_dim if config.pretrain is not None else arch["embed_dim"],
             act_layer=QuickGELU if config.quick_gelu else nn.GELU,
             norm_layer=LayerNorm,
+            pool_type=config.pool_type,
         )
     if config.weights is not None:
         state = _read_open_clip_state(Path(config.weights))

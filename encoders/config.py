@@ -29,6 +29,7 @@ ClipResize = Literal["bicubic", "bilinear"]
 #: DiffLMM's released weights were trained on (its SD tower passed mean=/std= to CLIPImageProcessor, which
 #: ignores those keywords and keeps CLIP's).
 PixelNorm = Literal["sd", "clip"]
+PoolType = Literal["tok", "avg"]
 
 
 def _positive(owner: object, *names: str) -> None:
@@ -77,6 +78,9 @@ class ClipPretrainConfig:
     aspect: Aspect = "pad"
     #: Seed of the data order (the tower's initialisation comes from the encoder's ``init_seed``).
     seed: int = 0
+    #: No caption twice in a batch (``datamodules.captions.DistinctCaptionBatches``): a repeated caption would
+    #: be scored as a wrong match of its own image. Needs at least ``batch_size`` different captions.
+    distinct_captions: bool = True
 
     def __post_init__(self) -> None:
         _positive(self, "embed_dim", "steps", "batch_size", "lr")
@@ -102,6 +106,10 @@ class ClipEncoderConfig:
     width: int | None = None
     layers: int | None = None
     head_width: int | None = None
+    #: How the tower pools its tokens into the image embedding (open_clip's ``pool_type``): ``tok`` = the CLS
+    #: token (CLIP's); ``avg`` = the mean of the patch tokens, so contrastive pretraining writes what a caption
+    #: says into the tokens of the object it names. Only the embedding (never the LMM's tokens) depends on it.
+    pool_type: PoolType = "tok"
     init_seed: int = 0
     #: Pretrain the tower in-world (contrastively, cached) instead of loading ``weights`` or keeping a random
     #: one. ``train.py`` fills ``weights`` with the cached file, so the run's config.yaml names it.
@@ -111,6 +119,8 @@ class ClipEncoderConfig:
         _positive(self, "image_size", "patch_size", "width", "layers", "head_width")
         if self.pretrain is not None and self.model == "hf":
             raise ValueError("pretrain needs an open_clip architecture (model), not 'hf'")
+        if self.pool_type != "tok" and self.model == "hf":
+            raise ValueError("pool_type applies to open_clip architectures (model), not 'hf'")
         if self.image_size is not None and self.patch_size is not None and self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"

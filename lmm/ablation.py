@@ -5,8 +5,9 @@ Trains the embedded default (``python train.py``) once per encoder and seed and 
 and sample standard deviation over seeds of the final grounding metrics on the shapes world's validation set
 (pointing accuracy, mask recall, mIoU, AP50, description accuracy), held-out QA accuracy and wall time, plus
 the difference of the means (fused - clip) with its standard error. ``clip`` selects ``encoder=clip_tiny``
-(the default's tower), ``fused`` ``encoder=fused_tiny`` (DiffLMM's U-Net + CLIP features); with ``--towers
-pretrained`` their ``*_pretrained`` variants, whose towers are pretrained in-world first. A seed sets the
+(a frozen random tower), ``fused`` ``encoder=fused_tiny`` (DiffLMM's U-Net + CLIP features); with ``--towers
+pretrained`` their ``*_pretrained`` variants, whose towers are pretrained in-world first (``clip_tiny_pretrained``
+is the embedded default's tower). A seed sets the
 run's ``seed`` (data order and the projector's initialisation) and ``llm.init_seed``; the towers are the same
 for every seed (random ones from their fixed ``init_seed``; pretrained ones trained once into the tower cache,
 which every run shares), so the spread is that of the LMM's training, not of the towers'. Extra
@@ -29,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-#: towers -> encoder name -> the overrides that select it on top of configs/default.yaml. ``random``: the
-#: default's frozen random towers; ``pretrained``: towers pretrained in-world (cached, shared by every run).
+#: towers -> encoder name -> the overrides that select it on top of configs/default.yaml. ``random``: frozen
+#: random towers; ``pretrained``: towers pretrained in-world (cached, shared by every run), as the default's.
 TOWERS: dict[str, dict[str, list[str]]] = {
     "random": {"clip": ["encoder=clip_tiny"], "fused": ["encoder=fused_tiny"]},
     "pretrained": {"clip": ["encoder=clip_tiny_pretrained"], "fused": ["encoder=fused_tiny_pretrained"]},

@@ -108,7 +108,9 @@ class ProjectorConfig:
 class StageConfig:
     """Schema of one entry of ``stages:``. Defaults are LLaVA-1.5's pretraining stage."""
 
-    data: str = "pretrain"  # shard folder, relative to data.root unless absolute
+    #: Image-caption shard folder, relative to data.root unless absolute. The shapes world's ``objects``: one
+    #: shape per image, so a caption names exactly what its image shows.
+    data: str = "objects"
     template: TemplateName = "plain"
     aspect: Aspect = "crop"
     llm: LLMMode = "frozen"
@@ -235,7 +237,9 @@ class TowersConfig:
     architecture, recipe and data, so runs that name the same tower share it and a changed one retrains."""
 
     cache_dir: str = "data/towers"
-    data: str = "pretrain"  # shard folder, relative to data.root unless absolute
+    #: Image-caption shard folder, relative to data.root unless absolute. The shapes world's ``objects``: one
+    #: shape per image, so a caption names exactly what its image shows.
+    data: str = "objects"
     #: Save a resumable checkpoint of a tower stage every this many steps.
     checkpoint_every_n_steps: int = 100
 

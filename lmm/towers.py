@@ -105,7 +105,9 @@ class _TowerStages:
 
         module = ContrastivePretraining(clip)
         recipe = clip.pretrain
-        self._fit(module, recipe.steps, recipe.batch_size, recipe.seed, work)
+        self._fit(
+            module, "tower:clip", recipe.steps, recipe.batch_size, recipe.seed, work, recipe.distinct_captions
+        )
         save_file(module.vision_state(), str(work / CLIP_WEIGHTS))
         save_file(module.text_state(), str(work / "text.safetensors"))
         return {"loss_history": module.loss_history}
@@ -156,7 +158,7 @@ class _TowerStages:
 
         module = VaePretraining(encoder)
         recipe = encoder.pretrain.vae
-        datamodule = self._fit(module, recipe.steps, recipe.batch_size, recipe.seed, work)
+        datamodule = self._fit(module, "tower:vae", recipe.steps, recipe.batch_size, recipe.seed, work)
         squares = datamodule.pairs.squares
         scale = module.latent_scale(squares[i : i + 64] for i in range(0, min(len(squares), 512), 64))
         module.vae.register_to_config(scaling_factor=scale)
@@ -173,7 +175,7 @@ class _TowerStages:
         vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
         module = UnetPretraining(encoder, vae, self.text_tower(clip))
         recipe = encoder.pretrain.unet
-        self._fit(module, recipe.steps, recipe.batch_size, recipe.seed, work)
+        self._fit(module, "tower:sd", recipe.steps, recipe.batch_size, recipe.seed, work)
         module.unet.save_pretrained(work / "unet")
         module.scheduler.save_pretrained(work / "scheduler")
         shutil.copytree(vae_dir, work / "vae", dirs_exist_ok=True)
@@ -206,16 +208,28 @@ class _TowerStages:
             log.info("%s done: %s", name, summary)
             self.summaries.append(summary)
 
-    def _fit(self, module: Any, steps: int, batch_size: int, seed: int, work: Path) -> Any:
+    def _fit(
+        self,
+        module: Any,
+        name: str,
+        steps: int,
+        batch_size: int,
+        seed: int,
+        work: Path,
+        distinct_captions: bool = False,
+    ) -> Any:
         import lightning as L
         from lightning.pytorch.callbacks import ModelCheckpoint
         from lightning.pytorch.loggers import TensorBoardLogger
 
         from datamodules.captions import ImageCaptionDataModule
         from lmm.checkpoint_io import AtomicCheckpointIO
+        from lmm.progress import StageProgress
 
         trainer_config = self.config.trainer
-        datamodule = ImageCaptionDataModule(self.data, module.image_transform(), batch_size, seed=seed)
+        datamodule = ImageCaptionDataModule(
+            self.data, module.image_transform(), batch_size, seed=seed, distinct_captions=distinct_captions
+        )
         L.seed_everything(seed, verbose=False)
         trainer = L.Trainer(
             accelerator=trainer_config.accelerator,
@@ -224,7 +238,7 @@ class _TowerStages:
             max_steps=steps,
             gradient_clip_val=trainer_config.gradient_clip_val,
             log_every_n_steps=min(trainer_config.log_every_n_steps, steps),
-            enable_progress_bar=trainer_config.progress_bar,
+            enable_progress_bar=False,  # StageProgress: the tower's steps, in a terminal and in a log
             enable_model_summary=False,
             default_root_dir=work,
             plugins=[AtomicCheckpointIO()],
@@ -236,7 +250,13 @@ class _TowerStages:
                     save_last=True,
                     save_top_k=0,
                     every_n_train_steps=self.config.towers.checkpoint_every_n_steps,
-                )
+                ),
+                StageProgress(
+                    name,
+                    steps,
+                    trainer_config.progress_every_n_steps,
+                    bar=trainer_config.progress_bar and StageProgress.terminal(),
+                ),
             ],
             limit_val_batches=0,
             num_sanity_val_steps=0,

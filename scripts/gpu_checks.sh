@@ -36,9 +36,9 @@ done
 echo "== 4. device-side image transform, batch 16 COCO-size -> 336"
 timeout 60 python benchmarks/image_transform.py 2>&1 | tee "$OUT/image_transform.txt"
 
-echo "== 5. default recipe on the GPU, 40 + 40 steps, bf16-mixed"
+echo "== 5. default recipe on the GPU, tower 60 steps, 40 + 40 LMM steps, bf16-mixed"
 timeout 240 python train.py run_name=gpu-smoke runs_dir=$T/runs trainer.accelerator=gpu trainer.precision=bf16-mixed \
-    stages.pretrain.max_steps=40 stages.instruct.max_steps=40 grounding.every_n_steps=0 grounding.limit=8 \
+    towers.cache_dir=$T/towers encoder.pretrain.steps=60 stages.pretrain.max_steps=40 stages.instruct.max_steps=40 grounding.every_n_steps=0 grounding.limit=8 \
     2>&1 | grep -E "finished in|grounding at|QA accuracy|rror" | tee "$OUT/gpu_smoke.txt"
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

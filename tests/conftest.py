@@ -16,7 +16,7 @@ def _seed_everything():
     yield
 
 
-TINY_WORLD = dict(n_pretrain=96, n_instruct=96, n_val=6, n_val_qa=12, samples_per_shard=40)
+TINY_WORLD = dict(n_pretrain=96, n_instruct=96, n_val=6, n_val_qa=12, n_objects=160, samples_per_shard=40)
 
 
 @pytest.fixture(scope="session")

@@ -96,6 +96,12 @@ class ContrastivePretraining(LossHistory):
         image_features, text_features = self(images, tokens)
         loss = self.loss_fn(image_features, text_features, self.logit_scale.exp())
         self.log("train/loss", loss, prog_bar=True, batch_size=len(captions))
+        # Image -> caption top-1 within the batch: with distinct captions, how often the tower tells apart
+        # captions that differ in one word.
+        matches = (image_features @ text_features.T).argmax(1) == torch.arange(
+            len(captions), device=loss.device
+        )
+        self.log("train/batch_accuracy", matches.float().mean(), batch_size=len(captions))
         self.log("train/logit_scale", self.logit_scale.exp(), batch_size=len(captions))
         self.record(loss.item())
         return loss

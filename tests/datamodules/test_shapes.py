@@ -36,7 +36,9 @@ from datamodules.shapes import (
 )
 from datamodules.word_tokenizer import CHAT_TEXTS, IMAGE_TOKEN, load_word_tokenizer, unknown_words
 
-TINY = ShapesWorldConfig(seed=3, n_pretrain=40, n_instruct=300, n_val=16, n_val_qa=36, samples_per_shard=32)
+TINY = ShapesWorldConfig(
+    seed=3, n_pretrain=40, n_instruct=300, n_val=16, n_val_qa=36, n_objects=48, samples_per_shard=32
+)
 NUMBERS = {"One.": 1, "Two.": 2, "Three.": 3}
 
 
@@ -58,7 +60,7 @@ def world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def records(world) -> dict[str, list[dict]]:
     out = {}
-    for split in ("pretrain", "instruct"):
+    for split in ("pretrain", "instruct", "objects"):
         index = json.loads((world / split / "index.json").read_text())
         urls = [str(world / split / s["url"]) for s in index["shards"]]
         samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
@@ -77,7 +79,9 @@ def nlp():
 
 
 def test_same_seed_identical_bytes_different_seed_differs(tmp_path):
-    small = ShapesWorldConfig(seed=11, n_pretrain=12, n_instruct=12, n_val=3, n_val_qa=6, samples_per_shard=5)
+    small = ShapesWorldConfig(
+        seed=11, n_pretrain=12, n_instruct=12, n_val=3, n_val_qa=6, n_objects=6, samples_per_shard=5
+    )
     generate_world(small, tmp_path / "a", workers=0)
     generate_world(small, tmp_path / "b", workers=0)
     reference = _hashes(tmp_path / "a")
@@ -112,7 +116,7 @@ def test_same_seed_identical_bytes_different_seed_differs(tmp_path):
 
 def test_worker_processes_do_not_change_output(tmp_path):
     config = ShapesWorldConfig(
-        seed=5, n_pretrain=70, n_instruct=70, n_val=4, n_val_qa=6, samples_per_shard=50
+        seed=5, n_pretrain=70, n_instruct=70, n_val=4, n_val_qa=6, n_objects=6, samples_per_shard=50
     )
     generate_world(config, tmp_path / "serial", workers=0)
     generate_world(config, tmp_path / "pool", workers=2)
@@ -298,6 +302,26 @@ def test_pretrain_records(records):
         )
 
 
+def test_object_records_show_exactly_the_one_shape_their_caption_names(records):
+    kinds = set()
+    for sample in records["objects"]:
+        record = json.loads(sample["json"])
+        _check_conversation(record, has_image=True)
+        size, colour, kind = re.fullmatch(
+            r"A (small|large) (\w+) (\w+)\.", record["conversations"][1]["value"]
+        ).groups()
+        kinds.add(kind)
+        pixels = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
+        # Palette colours appear on shapes only (distractors and backgrounds never use them): one shape, this one.
+        present = {name for name, rgb in COLOUR_RGB.items() if (pixels == rgb).all(-1).sum() >= 16}
+        assert present == {colour}, (record["id"], present)
+        side = max(np.ptp(np.nonzero((pixels == COLOUR_RGB[colour]).all(-1))[axis]) for axis in (0, 1)) + 1
+        short = min(pixels.shape[:2])
+        low, high = TINY.small_side if size == "small" else TINY.large_side
+        assert low * short - 2 <= side <= high * short + 2, (record["id"], size, side)
+    assert kinds == set(TINY.kinds)
+
+
 def test_instruct_records_and_text_only_fraction(records):
     text_only, rounds, describe = 0, set(), 0
     for sample in records["instruct"]:
@@ -360,7 +384,7 @@ def test_val_qa_answers_agree_with_the_images(world):
 def test_tokenizer_covers_the_whole_corpus(world, records):
     tok = load_word_tokenizer(world / "tokenizer")
     texts = list(CHAT_TEXTS)
-    for split in ("pretrain", "instruct"):
+    for split in ("pretrain", "instruct", "objects"):
         for sample in records[split]:
             texts += [t["value"] for t in json.loads(sample["json"])["conversations"]]
     texts += [
@@ -379,7 +403,9 @@ def test_tokenizer_covers_the_whole_corpus(world, records):
 
 
 def test_ensure_world_is_a_noop_when_current_and_regenerates_otherwise(tmp_path):
-    config = ShapesWorldConfig(seed=1, n_pretrain=8, n_instruct=8, n_val=2, n_val_qa=6, samples_per_shard=4)
+    config = ShapesWorldConfig(
+        seed=1, n_pretrain=8, n_instruct=8, n_val=2, n_val_qa=6, n_objects=4, samples_per_shard=4
+    )
     out = tmp_path / "w"
     first = ensure_world(config, out, workers=0)
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
@@ -432,12 +458,12 @@ def test_ensure_world_from_two_processes_at_once_generates_once(tmp_path):
 
     code = (
         "import sys; from datamodules.shapes import ShapesWorldConfig, ensure_world; "
-        "ensure_world(ShapesWorldConfig(n_pretrain=8, n_instruct=8, n_val=2, n_val_qa=2), sys.argv[1])"
+        "ensure_world(ShapesWorldConfig(n_pretrain=8, n_instruct=8, n_val=2, n_val_qa=2, n_objects=2), sys.argv[1])"
     )
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "w")]) for _ in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     from datamodules.shapes import ShapesWorldConfig, world_is_current
 
     assert world_is_current(
-        ShapesWorldConfig(n_pretrain=8, n_instruct=8, n_val=2, n_val_qa=2), tmp_path / "w"
+        ShapesWorldConfig(n_pretrain=8, n_instruct=8, n_val=2, n_val_qa=2, n_objects=2), tmp_path / "w"
     )

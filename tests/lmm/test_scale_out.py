@@ -155,7 +155,13 @@ def test_fsdp_for_this_model_wraps_the_llms_decoder_layers_as_configured(tiny_wo
     from lmm.strategies import build_strategy
 
     shrink = ["llm.hidden_size=32", "llm.num_layers=2", "llm.num_heads=2", "llm.intermediate_size=64"]
-    base = [f"data.root={tiny_world}", "data.shapes=null", "grounding.enabled=false", *shrink]
+    base = [
+        f"data.root={tiny_world}",
+        "data.shapes=null",
+        "grounding.enabled=false",
+        "encoder.pretrain=null",
+        *shrink,
+    ]
     config = load_config(None, [*base, "trainer.strategy=fsdp", "trainer.fsdp.activation_checkpointing=true"])
     model = build_model(config)
     strategy = build_strategy(config.trainer, model)
