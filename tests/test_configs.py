@@ -314,3 +314,29 @@ def test_preflight_knows_what_the_shapes_world_generates_and_which_spacy_models_
     assert all((tiny_world / name).exists() for name in SHAPES_WORLD_OUTPUTS)
     config = load_config(None, [f"data.root={tiny_world}", "data.shapes=null"])
     assert preflight(config) == [], "the default config on a generated world needs nothing else"
+
+
+def test_preflight_checks_the_in_world_towers_data_and_its_distinct_captions(tiny_world, tmp_path):
+    from lmm.preflight import preflight
+
+    def problems(*overrides):
+        return preflight(load_config(None, list(overrides)))
+
+    # data.shapes is set, so the world (its objects split too) will be generated: 6 colours x 4 kinds x 2 sizes
+    # = 48 object captions for the default's distinct-caption batches of 48.
+    world = f"data.root={tmp_path / 'world'}"
+    assert problems(world) == []
+    (problem,) = problems(world, "encoder.pretrain.batch_size=64")
+    assert problem.startswith("encoder.pretrain.batch_size = 64: ") and "objects have 48" in problem
+    five_kinds = "data.shapes.kinds=[circle,square,triangle,diamond,star]"
+    assert problems(world, "encoder.pretrain.batch_size=60", five_kinds) == []
+    assert problems(world, "encoder.pretrain.batch_size=64", "encoder.pretrain.distinct_captions=false") == []
+    (problem,) = problems(world, "encoder=fused_tiny_pretrained", "encoder.clip.pretrain.batch_size=49")
+    assert problem.startswith("encoder.clip.pretrain.batch_size = 49: ")
+
+    missing = [f"data.root={tiny_world}", "data.shapes=null", "towers.data=/nonexistent/objects"]
+    (problem,) = problems(*missing)
+    assert problem.startswith(
+        "towers.data = '/nonexistent/objects': /nonexistent/objects/index.json does not"
+    )
+    assert problems(*missing, "encoder.pretrain=null") == [], "no tower stage, no tower data"
