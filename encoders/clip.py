@@ -136,6 +136,7 @@ def _build_open_clip_tower(config: ClipEncoderConfig) -> nn.Module:
             act_layer=QuickGELU if config.quick_gelu else nn.GELU,
             norm_layer=LayerNorm,
             pool_type=config.pool_type,
+            pos_embed_type=config.pos_embed_type,
         )
     if config.weights is not None:
         state = _read_open_clip_state(Path(config.weights))

@@ -30,6 +30,7 @@ ClipResize = Literal["bicubic", "bilinear"]
 #: ignores those keywords and keeps CLIP's).
 PixelNorm = Literal["sd", "clip"]
 PoolType = Literal["tok", "avg"]
+PosEmbedType = Literal["learnable", "sin_cos_2d"]
 
 
 def _positive(owner: object, *names: str) -> None:
@@ -110,6 +111,10 @@ class ClipEncoderConfig:
     #: token (CLIP's); ``avg`` = the mean of the patch tokens, so contrastive pretraining writes what a caption
     #: says into the tokens of the object it names. Only the embedding (never the LMM's tokens) depends on it.
     pool_type: PoolType = "tok"
+    #: open_clip's ``pos_embed_type``: ``learnable`` (CLIP's) or ``sin_cos_2d``, a fixed 2-D sine-cosine
+    #: embedding of unit amplitude that contrastive pretraining cannot wash out, so every token keeps saying
+    #: where it is (captions rarely need it, answers to "where is ...?" do).
+    pos_embed_type: PosEmbedType = "learnable"
     init_seed: int = 0
     #: Pretrain the tower in-world (contrastively, cached) instead of loading ``weights`` or keeping a random
     #: one. ``train.py`` fills ``weights`` with the cached file, so the run's config.yaml names it.
@@ -121,6 +126,8 @@ class ClipEncoderConfig:
             raise ValueError("pretrain needs an open_clip architecture (model), not 'hf'")
         if self.pool_type != "tok" and self.model == "hf":
             raise ValueError("pool_type applies to open_clip architectures (model), not 'hf'")
+        if self.pos_embed_type != "learnable" and self.model == "hf":
+            raise ValueError("pos_embed_type applies to open_clip architectures (model), not 'hf'")
         if self.image_size is not None and self.patch_size is not None and self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"

@@ -91,3 +91,20 @@ def test_pool_type_avg_embeds_the_mean_patch_token_and_leaves_the_tokens_unchang
 def test_pool_type_is_refused_for_hf_folders():
     with pytest.raises(ValueError, match="pool_type applies to open_clip"):
         ClipEncoderConfig(model="hf", weights="x", pool_type="avg")
+
+
+def test_sin_cos_2d_positions_are_fixed_unit_sine_cosine_pairs():
+    tower = build_encoder(ClipEncoderConfig(**TINY, init_seed=3, pos_embed_type="sin_cos_2d")).tower
+    pos = tower.positional_embedding
+    assert not pos.requires_grad and torch.equal(pos[0], torch.zeros(64))  # the CLS slot carries no position
+    # Each patch's row and column are written as sin/cos pairs (sin^2 + cos^2 = 1): squared norm width / 2.
+    torch.testing.assert_close(pos[1:].pow(2).sum(1), torch.full((16,), 32.0))
+    # A 4 x 4 grid: all 16 positions differ, and the same seed gives the same embedding whatever init_seed.
+    assert torch.cdist(pos[1:], pos[1:]).add(torch.eye(16)).min() > 0.5
+    other = build_encoder(ClipEncoderConfig(**TINY, init_seed=4, pos_embed_type="sin_cos_2d")).tower
+    assert torch.equal(other.positional_embedding, pos)
+
+
+def test_pos_embed_type_is_refused_for_hf_folders():
+    with pytest.raises(ValueError, match="pos_embed_type applies to open_clip"):
+        ClipEncoderConfig(model="hf", weights="x", pos_embed_type="sin_cos_2d")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from encoders.clip import ClipEncoder
+from encoders.clip import ClipEncoder, build_vision_tower
 from lmm.config_loading import load_config
 
 TINY_CLIP = [
@@ -134,7 +134,15 @@ def test_the_same_tower_config_reuses_the_cache_and_a_changed_one_retrains(tiny_
         first.encoder.weights,
         changed.encoder.weights,
     )
-    assert len(list(cache.glob("clip-*/tower.json"))) == 3
+    # Fixed sine-cosine positions make another tower, and its training leaves them exactly as built.
+    sincos, summaries = ensure_towers(
+        tower_config(tiny_world, cache, ["encoder.pretrain.steps=4", "encoder.pos_embed_type=sin_cos_2d"])
+    )
+    assert "skipped" not in summaries[0] and len(list(cache.glob("clip-*/tower.json"))) == 4
+    trained = load_file(sincos.encoder.weights)
+    built = build_vision_tower(sincos.encoder).state_dict()  # the tower as pretraining starts it
+    assert torch.equal(trained["visual.positional_embedding"], built["positional_embedding"])
+    assert not torch.equal(trained["visual.conv1.weight"], built["conv1.weight"])
 
 
 TINY_FUSED = [
