@@ -56,9 +56,7 @@ class ShapesWorldConfig:
     lines_prob: float = 0.25
     specks_prob: float = 0.25
     text_only_fraction: float = 0.1
-    #: Questions per instruct conversation are drawn from 1..max_rounds (capped by the askable kinds): more rounds
-    #: per image give the LMM more answers to learn from per step for little more sequence.
-    max_rounds: int = 7
+    max_rounds: int = 3
     describe_weight: float = 2.5  # relative to 1.0 for each QA kind, so detailed descriptions are common
 
     def __post_init__(self) -> None:
