@@ -99,7 +99,7 @@ def test_sin_cos_2d_positions_are_fixed_unit_sine_cosine_pairs():
     assert not pos.requires_grad and torch.equal(pos[0], torch.zeros(64))  # the CLS slot carries no position
     # Each patch's row and column are written as sin/cos pairs (sin^2 + cos^2 = 1): squared norm width / 2.
     torch.testing.assert_close(pos[1:].pow(2).sum(1), torch.full((16,), 32.0))
-    # A 4 x 4 grid: all 16 positions differ, and the same seed gives the same embedding whatever init_seed.
+    # A 4 x 4 grid: all 16 positions differ, and the embedding does not depend on init_seed (nothing is drawn).
     assert torch.cdist(pos[1:], pos[1:]).add(torch.eye(16)).min() > 0.5
     other = build_encoder(ClipEncoderConfig(**TINY, init_seed=4, pos_embed_type="sin_cos_2d")).tower
     assert torch.equal(other.positional_embedding, pos)

@@ -82,8 +82,8 @@ def test_contrastive_loss_falls_and_the_entry_holds_only_the_vision_tower(tiny_w
 
 
 def _retrieval_accuracy(config, world, entry):
-    """Image -> caption top-1 retrieval over the tiny world's distinct pretraining captions; ``entry``: the
-    cached towers to load (None: the random initialisation)."""
+    """Image -> caption top-1 retrieval over the tiny world's distinct object captions (what the tower trains
+    on); ``entry``: the cached towers to load (None: the random initialisation)."""
     from datamodules.captions import load_pairs
     from encoders.pretraining.contrastive import ContrastivePretraining
 
@@ -92,7 +92,7 @@ def _retrieval_accuracy(config, world, entry):
         visual = load_file(str(entry / "visual.safetensors"))
         module.visual.load_state_dict({k.removeprefix("visual."): v for k, v in visual.items()})
         module.text.load_state_dict(load_file(str(entry / "text.safetensors")))
-    squares, captions = load_pairs(world / "pretrain", module.image_transform().squares)
+    squares, captions = load_pairs(world / "objects", module.image_transform().squares)
     first = {c: i for i, c in reversed(list(enumerate(captions)))}
     keep = sorted(first.values())
     with torch.no_grad():
@@ -134,15 +134,19 @@ def test_the_same_tower_config_reuses_the_cache_and_a_changed_one_retrains(tiny_
         first.encoder.weights,
         changed.encoder.weights,
     )
-    # Fixed sine-cosine positions make another tower, and its training leaves them exactly as built.
-    sincos, summaries = ensure_towers(
-        tower_config(tiny_world, cache, ["encoder.pretrain.steps=4", "encoder.pos_embed_type=sin_cos_2d"])
+    # The recipe's fixed sine-cosine positions: training left them exactly as built (the other weights moved),
+    # and CLIP's learned positions instead make another tower.
+    assert first.encoder.pos_embed_type == "sin_cos_2d"
+    built = build_vision_tower(first.encoder).state_dict()  # the tower as pretraining starts it
+    assert torch.equal(weights["visual.positional_embedding"], built["positional_embedding"])
+    assert not torch.equal(weights["visual.conv1.weight"], built["conv1.weight"])
+    learned, summaries = ensure_towers(
+        tower_config(tiny_world, cache, ["encoder.pretrain.steps=4", "encoder.pos_embed_type=learnable"])
     )
     assert "skipped" not in summaries[0] and len(list(cache.glob("clip-*/tower.json"))) == 4
-    trained = load_file(sincos.encoder.weights)
-    built = build_vision_tower(sincos.encoder).state_dict()  # the tower as pretraining starts it
-    assert torch.equal(trained["visual.positional_embedding"], built["positional_embedding"])
-    assert not torch.equal(trained["visual.conv1.weight"], built["conv1.weight"])
+    assert not torch.equal(
+        load_file(learned.encoder.weights)["visual.positional_embedding"], built["positional_embedding"]
+    )
 
 
 TINY_FUSED = [
