@@ -104,9 +104,8 @@ def _tower_problems(config: TrainConfig, data: Path, generated: set[Path]) -> li
     """The in-world towers' data (``lmm.towers``): its shard folder, and (the shapes world's object pairs)
     enough distinct captions for the CLIP recipe's distinct-caption batches."""
     encoder = config.encoder
-    clip = getattr(
-        encoder, "clip", encoder
-    )  # a diffusion / fused encoder's CLIP tower, or the encoder itself
+    # A diffusion / fused encoder's CLIP tower, or the CLIP encoder itself.
+    clip = getattr(encoder, "clip", encoder)
     if getattr(encoder, "pretrain", None) is None and getattr(clip, "pretrain", None) is None:
         return []
     if data not in generated and not (data / "index.json").is_file():
