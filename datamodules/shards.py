@@ -223,10 +223,13 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         workers: int = 1,
         decode_min_side: int | None = None,
+        group_by_length: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1 or world_size < 1 or workers < 1:
             raise ValueError("batch_size, world_size and workers must be >= 1")
+        if group_by_length < 0:
+            raise ValueError(f"group_by_length must be >= 0 micro-batches, got {group_by_length}")
         self.index = index
         self.encode = encode
         self.collate = collate
@@ -236,6 +239,7 @@ class ShardStream(IterableDataset):
         self.world_size = world_size
         self.workers = workers
         self.decode_min_side = decode_min_side
+        self.group_by_length = group_by_length if group_by_length > 1 else 0
         self.rank = 0
         self.start = 0
         slots = world_size * workers
@@ -258,7 +262,7 @@ class ShardStream(IterableDataset):
 
     def layout(self) -> dict[str, int]:
         """Everything the sample order depends on besides the data itself."""
-        return {
+        layout = {
             "world_size": self.world_size,
             "workers": self.workers,
             "batch_size": self.batch_size,
@@ -267,6 +271,9 @@ class ShardStream(IterableDataset):
             "num_samples": self.index.num_samples,
             "num_shards": len(self.index.urls),
         }
+        if self.group_by_length:  # only when on, so checkpoints from before the option resume exactly
+            layout["group_by_length"] = self.group_by_length
+        return layout
 
     def shard_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.index.urls)))
@@ -340,32 +347,50 @@ class ShardStream(IterableDataset):
         """Batches of logical ``worker`` of ``rank``, endlessly, from its batch number ``done`` on."""
         counter = SkipCounter()
         per_worker, size = self.batches_per_worker, self.batch_size
+        group = self.group_by_length or 1
         epoch, first = divmod(done, per_worker)
         while True:
             log.debug("rank %d worker %d: epoch %d from batch %d", rank, worker, epoch, first)
-            samples = self._slot_samples(epoch, rank, worker, first * size)
-            for j in range(first, per_worker):
-                good: list[dict] = []
-                keys: list[str] = []
-                skipped: Counter[str] = Counter()
-                for sample in islice(samples, size):
-                    try:
-                        good.append(self._encode(sample))
-                        keys.append(_key(sample))
-                    except SkipSample as skip:
-                        skipped[skip.kind] += 1
-                        where = "" if isinstance(sample, _Missing) else f"{sample['__url__']}:{_key(sample)} "
-                        counter.add(skip.kind, where + skip.detail)
-                if not good:  # every sample of the batch was bad: the slot-epoch's first good one stands in
-                    key, encoded = self._first_good(epoch, rank, worker)
-                    good, keys = [encoded], [key]
-                yield StreamBatch(
-                    self.collate(good),
-                    keys,
-                    dict(skipped),
-                    {"epoch": epoch, "worker": worker, "worker_batch": j},
-                )
+            # A length group is a pure function of its samples, so a resume re-reads the group it stopped in.
+            start = first // group * group
+            samples = self._slot_samples(epoch, rank, worker, start * size)
+            for g in range(start, per_worker, group):
+                n_batches = min(group, per_worker - g)
+                drawn = list(islice(samples, n_batches * size))
+                if group > 1:
+                    drawn.sort(key=_length_key, reverse=True)  # stable: ties keep their shuffled order
+                for j in range(max(g, first), g + n_batches):
+                    yield self._batch(
+                        drawn[(j - g) * size : (j - g + 1) * size], counter, epoch, rank, worker, j
+                    )
             epoch, first = epoch + 1, 0
+
+    def _batch(
+        self,
+        drawn: list[dict[str, Any] | _Missing],
+        counter: SkipCounter,
+        epoch: int,
+        rank: int,
+        worker: int,
+        j: int,
+    ) -> StreamBatch:
+        good: list[dict] = []
+        keys: list[str] = []
+        skipped: Counter[str] = Counter()
+        for sample in drawn:
+            try:
+                good.append(self._encode(sample))
+                keys.append(_key(sample))
+            except SkipSample as skip:
+                skipped[skip.kind] += 1
+                where = "" if isinstance(sample, _Missing) else f"{sample['__url__']}:{_key(sample)} "
+                counter.add(skip.kind, where + skip.detail)
+        if not good:  # every sample of the batch was bad: the slot-epoch's first good one stands in
+            key, encoded = self._first_good(epoch, rank, worker)
+            good, keys = [encoded], [key]
+        return StreamBatch(
+            self.collate(good), keys, dict(skipped), {"epoch": epoch, "worker": worker, "worker_batch": j}
+        )
 
     def __iter__(self) -> Iterator[StreamBatch]:
         info = get_worker_info()
@@ -398,6 +423,13 @@ class StreamBatch:
         return dataclasses.replace(self, batch=pin_memory(self.batch))
 
 
+def _length_key(sample: dict[str, Any] | _Missing) -> tuple[bool, int]:
+    """What length grouping sorts by, read without decoding: (has an image, size of its JSON record)."""
+    if isinstance(sample, _Missing):
+        return (False, 0)
+    return (any(ext in sample for ext in IMAGE_EXTENSIONS), len(sample.get("json", b"")))
+
+
 def _key(sample: dict[str, Any]) -> str:
     return str(sample.get("__key__", "?"))
 
@@ -422,6 +454,7 @@ class ShardDataModule(L.LightningDataModule):
         world_size: int = 1,
         sample_log: str | Path | None = None,
         decode_min_side: int | None = None,
+        group_by_length: int = 0,
     ) -> None:
         super().__init__()
         self.index = ShardIndex.load(shard_dir)
@@ -436,6 +469,7 @@ class ShardDataModule(L.LightningDataModule):
             world_size,
             max(1, num_workers),
             decode_min_side,
+            group_by_length,
         )
         self.consumed = 0  # micro-batches the training loop has taken from this rank's stream
         self.skipped: Counter[str] = (

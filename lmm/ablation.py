@@ -1,13 +1,14 @@
-"""The encoder ablation: ``python -m lmm.ablation [--towers random|pretrained] [--encoders clip fused]
+"""The encoder ablation: ``python -m lmm.ablation [--towers pretrained|random] [--encoders clip fused]
 [--seeds 0 1 2] [key=value ...]``.
 
 Trains the embedded default (``python train.py``) once per encoder and seed and reports, per encoder, the mean
 and sample standard deviation over seeds of the final grounding metrics on the shapes world's validation set
 (pointing accuracy, mask recall, mIoU, AP50, description accuracy), held-out QA accuracy and wall time, plus
-the difference of the means (fused - clip) with its standard error. ``clip`` selects ``encoder=clip_tiny``
-(a frozen random tower), ``fused`` ``encoder=fused_tiny`` (DiffLMM's U-Net + CLIP features); with ``--towers
-pretrained`` their ``*_pretrained`` variants, whose towers are pretrained in-world first (``clip_tiny_pretrained``
-is the embedded default's tower). A seed sets the
+the difference of the means (fused - clip) with its standard error. By default (``--towers pretrained``, the
+paper's setting) ``clip`` selects ``encoder=clip_tiny_pretrained`` (the embedded default's tower, pretrained
+in-world) and ``fused`` ``encoder=fused_tiny_pretrained`` (DiffLMM's U-Net + CLIP features, with the same CLIP
+tower and an in-world VAE and U-Net); ``--towers random`` selects ``clip_tiny`` and ``fused_tiny``, frozen
+random towers. A seed sets the
 run's ``seed`` (data order and the projector's initialisation) and ``llm.init_seed``; the towers are the same
 for every seed (random ones from their fixed ``init_seed``; pretrained ones trained once into the tower cache,
 which every run shares), so the spread is that of the LMM's training, not of the towers'. Extra
@@ -62,7 +63,7 @@ def plan_runs(
     seeds: Sequence[int],
     overrides: Sequence[str] = (),
     prefix: str = "ablation",
-    towers: str = "random",
+    towers: str = "pretrained",
 ) -> list[AblationRun]:
     """One run per (encoder, seed), encoders outermost."""
     if towers not in TOWERS:
@@ -176,7 +177,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
         "--towers",
-        default="random",
+        default="pretrained",
         choices=sorted(TOWERS),
         help="frozen random or in-world pretrained towers",
     )
@@ -185,7 +186,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--prefix", default=None, help="run names: <prefix>-<encoder>-s<seed> (ablation[-pretrained])"
     )
     parser.add_argument("overrides", nargs="*", help="dotted.key=value for every run (e.g. runs_dir=...)")
-    return parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # key=value arguments may follow a list option (``--seeds 0 1 trainer.num_threads=1``), which would take them.
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    args.overrides = [*args.overrides, *overrides]
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

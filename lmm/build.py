@@ -65,4 +65,5 @@ def build_datamodule(
         world_size=config.trainer.ranks,
         sample_log=sample_log,
         decode_min_side=config.data.decode_min_side,
+        group_by_length=settings.group_by_length,
     )

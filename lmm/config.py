@@ -125,6 +125,10 @@ class StageConfig:
     max_length: int = 2048
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     checkpoint_every_n_steps: int = 200
+    #: LLaVA's ``group_by_modality_length``: each run of this many consecutive micro-batches of a stream slot
+    #: is cut from its samples sorted by (has an image, length), so a batch holds one modality and similar
+    #: lengths and pads less; 0 or 1 = batches as drawn. Resume stays exact (a run is a function of its samples).
+    group_by_length: int = 0
 
     def __post_init__(self) -> None:
         _positive(
@@ -139,6 +143,10 @@ class StageConfig:
             "checkpoint_every_n_steps",
         )
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(
+            self.group_by_length >= 0,
+            f"group_by_length must be >= 0 micro-batches, got {self.group_by_length}",
+        )
         _check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         _check(
             self.global_batch_size % self.micro_batch_size == 0,

@@ -98,10 +98,11 @@ def _module(folder: Path, **kw) -> ShardDataModule:  # noqa: ANN003
     return ShardDataModule(folder, encode, partial(collate, pad_token_id=tok.pad_token_id), **kw)
 
 
-@pytest.mark.parametrize("workers", [0, 3])
-def test_stream_restarted_at_any_batch_continues_the_same_sequence(tiny_world, workers):
+@pytest.mark.parametrize(("workers", "group"), [(0, 0), (3, 0), (0, 3), (2, 4)])
+def test_stream_restarted_at_any_batch_continues_the_same_sequence(tiny_world, workers, group):
     folder = tiny_world / "pretrain"
-    full = _module(folder, batch_size=5, num_workers=workers, seed=3, shuffle_buffer=7)
+    kw = {"batch_size": 5, "num_workers": workers, "seed": 3, "shuffle_buffer": 7, "group_by_length": group}
+    full = _module(folder, **kw)
     per_epoch = full.batches_per_epoch
     assert per_epoch == (96 // (5 * max(1, workers))) * max(1, workers)
     n = per_epoch + 4
@@ -112,7 +113,7 @@ def test_stream_restarted_at_any_batch_continues_the_same_sequence(tiny_world, w
         if len(reference) == n:
             break
     for start in (1, per_epoch - 1, per_epoch + 1):
-        resumed = _module(folder, batch_size=5, num_workers=workers, seed=3, shuffle_buffer=7)
+        resumed = _module(folder, **kw)
         resumed.load_state_dict({**full.state_dict(), "consumed_batches": start})
         got = []
         for batch in resumed.train_dataloader():

@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from datamodules.config import ShapesWorldConfig
+from datamodules.shapes import lexicon_texts
 from datamodules.shards import ShardDataModule, ShardIndex, SkipSample, decode_image, decode_sample
 from datamodules.templates import get_template
 from datamodules.word_tokenizer import build_word_tokenizer
@@ -318,3 +320,62 @@ def test_an_index_that_overstates_a_shard_counts_the_missing_samples_as_a_bad_sh
     assert keys <= {f"{i:03d}" for i in range(4)} and len(keys) == 4
     for b in batches:  # a batch of only missing samples still yields one good sample
         assert len(b.keys) >= 1 and len(b.batch) == len(b.keys)
+
+
+def _stream_keys(module, n):
+    batches = []
+    for batch in module.train_dataloader():
+        batches.append(batch.keys)
+        if len(batches) == n:
+            break
+    return batches
+
+
+def test_length_grouping_reorders_within_groups_and_pads_less(tiny_world):
+    """group_by_length=G cuts each run of G batches from the same samples, sorted by (has image, length):
+    the same samples per group as without grouping, one modality per batch where the group allows, and less
+    padding (the sum of the batches' longest rows) over an epoch."""
+    folder = tiny_world / "instruct"
+    records = {}
+    for url in sorted(folder.glob("shard-*.tar")):
+        with tarfile.open(url) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                entry = records.setdefault(key, {"image": False})
+                if ext == "json":
+                    entry["json"] = len(tar.extractfile(member).read())
+                else:
+                    entry["image"] = True
+    word_tok = build_word_tokenizer(lexicon_texts(ShapesWorldConfig()))
+
+    def module(group):
+        encode = SampleEncoder(word_tok, get_template("vicuna_v1"), 4, 512)
+        return ShardDataModule(
+            folder,
+            encode,
+            partial(collate, pad_token_id=word_tok.pad_token_id),
+            4,
+            num_workers=0,
+            seed=5,
+            shuffle_buffer=1000,
+            group_by_length=group,
+        )
+
+    plain, grouped = module(0), module(3)
+    n = plain.batches_per_epoch // 3 * 3
+    assert n >= 6
+    plain_keys, grouped_keys = _stream_keys(plain, n), _stream_keys(grouped, n)
+    for g in range(0, n, 3):
+        flat = [k for b in grouped_keys[g : g + 3] for k in b]
+        assert sorted(flat) == sorted(k for b in plain_keys[g : g + 3] for k in b)
+        order = [(records[k]["image"], records[k]["json"]) for k in flat]
+        assert order == sorted(order, reverse=True), f"group {g // 3} is not sorted by (image, length)"
+    assert {k for b in grouped_keys for k in b} == {k for b in plain_keys for k in b}
+
+    def padded(keys):  # tokens the batches are padded to, with the JSON size standing in for the length
+        return sum(max(records[k]["json"] for k in batch) * len(batch) for batch in keys)
+
+    assert padded(grouped_keys) < padded(plain_keys)
+    mixed = [len({records[k]["image"] for k in batch}) > 1 for batch in grouped_keys]
+    text_only = sum(not records[k]["image"] for b in grouped_keys for k in b)
+    assert sum(mixed) <= n // 3 and text_only > 0  # at most one batch per group holds both modalities

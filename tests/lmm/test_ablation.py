@@ -10,7 +10,7 @@ from lmm.ablation import collect, difference, format_table, main, mean_std, plan
 
 
 def test_runs_vary_encoder_and_seed_and_refuse_overrides_they_own():
-    runs = plan_runs(["clip", "fused"], [0, 1], ["stages.pretrain.max_steps=3"])
+    runs = plan_runs(["clip", "fused"], [0, 1], ["stages.pretrain.max_steps=3"], towers="random")
     assert [(r.encoder, r.seed, r.run_name) for r in runs] == [
         ("clip", 0, "ablation-clip-s0"), ("clip", 1, "ablation-clip-s1"),
         ("fused", 0, "ablation-fused-s0"), ("fused", 1, "ablation-fused-s1"),
@@ -19,6 +19,10 @@ def test_runs_vary_encoder_and_seed_and_refuse_overrides_they_own():
         "encoder=fused_tiny", "run_name=ablation-fused-s1", "seed=1", "llm.init_seed=1", "stages.pretrain.max_steps=3"
     )  # fmt: skip
     assert runs[0].overrides[0] == "encoder=clip_tiny"
+    # The default is the paper's setting: in-world pretrained towers, as the embedded default run uses.
+    assert [r.overrides[0] for r in plan_runs(["clip", "fused"], [0])] == [
+        "encoder=clip_tiny_pretrained", "encoder=fused_tiny_pretrained"
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="seed=4"):
         plan_runs(["clip"], [0], ["seed=4"])
     with pytest.raises(ValueError, match="unknown encoders"):
@@ -29,7 +33,7 @@ def test_pretrained_towers_select_encoders_that_pretrain_every_tower():
     from lmm.config_loading import load_config
 
     for random_run, pretrained_run in zip(
-        plan_runs(["clip", "fused"], [0]), plan_runs(["clip", "fused"], [0], towers="pretrained"), strict=True
+        plan_runs(["clip", "fused"], [0], towers="random"), plan_runs(["clip", "fused"], [0]), strict=True
     ):
         random, pretrained = (
             load_config(None, list(r.overrides)).encoder for r in (random_run, pretrained_run)
@@ -42,6 +46,14 @@ def test_pretrained_towers_select_encoders_that_pretrain_every_tower():
             assert pretrained.pretrain is not None and pretrained.clip.pretrain is not None
     with pytest.raises(ValueError, match="unknown towers"):
         plan_runs(["clip"], [0], towers="imagenet")
+
+
+def test_overrides_may_follow_list_options():
+    from lmm.ablation import parse_args
+
+    args = parse_args(["--seeds", "0", "1", "trainer.num_threads=1", "--encoders", "clip", "runs_dir=/x"])
+    assert args.seeds == [0, 1] and args.encoders == ["clip"]
+    assert args.overrides == ["trainer.num_threads=1", "runs_dir=/x"]
 
 
 def test_mean_and_sample_std():
@@ -91,10 +103,16 @@ def test_a_tiny_ablation_end_to_end(tiny_world, tmp_path, capsys):
 
     overrides = [o for o in tiny_overrides(tiny_world, tmp_path / "runs") if not o.startswith("run_name=")]
     out = tmp_path / "ablation"
-    assert main(["--encoders", "clip", "--seeds", "0", "1", "--out", str(out), *overrides]) == 0
+    assert (
+        main(["--towers", "random", "--encoders", "clip", "--seeds", "0", "1", "--out", str(out), *overrides])
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())["runs"]["clip"]
     assert [r["seed"] for r in results] == [0, 1] and all(0 <= r["pointing"] <= 1 for r in results)
     assert "| clip | 2 |" in (out / "table.md").read_text()
     # A second call reuses the finished runs.
-    assert main(["--encoders", "clip", "--seeds", "0", "1", "--out", str(out), *overrides]) == 0
+    assert (
+        main(["--towers", "random", "--encoders", "clip", "--seeds", "0", "1", "--out", str(out), *overrides])
+        == 0
+    )
     assert "finished before" in capsys.readouterr().out
