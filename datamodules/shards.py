@@ -8,10 +8,12 @@ samples the uninterrupted run would have seen. Epoch ``e``: the shards are put i
 the ``world_size x workers`` slots (one per rank and dataloader worker) takes an equal contiguous run of
 ``batches_per_worker x batch_size`` positions (the < slots x batch_size left over are dropped that epoch,
 and differ from epoch to epoch), shuffles it in blocks of ``shuffle_buffer`` with a permutation seeded by
-``(seed, e, rank, worker, block)``, and cuts batch ``j`` from block-shuffled positions ``[j*B, (j+1)*B)``.
+``(seed, e, rank, worker, block)``, and cuts batch ``j`` from block-shuffled positions ``[j*B, (j+1)*B)``
+(with ``group_by_length`` G, LLaVA's ``group_by_modality_length``: each run of G batches is cut from its G*B
+positions sorted by (has an image, JSON size), so a batch pads less; a run depends only on its positions).
 Every rank therefore gets the same known number of batches per epoch and none waits at an epoch's end,
-image and text-only samples mix in the same batches, and reading is sequential per shard (a slot opens
-only the shards its positions fall in). Samples are decoded safely (JSON and images only, never pickles)
+image and text-only samples mix in the same batches (unless grouped), and reading is sequential per shard
+(a slot opens only the shards its positions fall in). Samples are decoded safely (JSON and images only, never pickles)
 and turned into model inputs by an injected ``encode`` (see ``lmm.preprocess``). Bad samples (corrupt
 image, truncated or unreadable shard, malformed JSON, unusable conversation, too long) are skipped and
 counted: a batch is what is left of its positions (if nothing is, the slot-epoch's first good sample
