@@ -13,10 +13,10 @@ and differ from epoch to epoch), shuffles it in blocks of ``shuffle_buffer`` wit
 positions sorted by (has an image, JSON size), so a batch pads less; a run depends only on its positions).
 Every rank therefore gets the same known number of batches per epoch and none waits at an epoch's end,
 image and text-only samples mix in the same batches (unless grouped), and reading is sequential per shard
-(a slot opens only the shards its positions fall in). Samples are decoded safely (JSON and images only, never pickles)
-and turned into model inputs by an injected ``encode`` (see ``lmm.preprocess``). Bad samples (corrupt
-image, truncated or unreadable shard, malformed JSON, unusable conversation, too long) are skipped and
-counted: a batch is what is left of its positions (if nothing is, the slot-epoch's first good sample
+(a slot opens only the shards its positions fall in). Samples are decoded safely (JSON and images only,
+never pickles) and turned into model inputs by an injected ``encode`` (see ``lmm.preprocess``). Bad
+samples (corrupt image, truncated or unreadable shard, malformed JSON, unusable conversation, too long) are
+skipped and counted: a batch is what is left of its positions (if nothing is, the slot-epoch's first good sample
 stands in), and carries the counts of what was skipped (``StreamBatch``), which ``SkippedSamplesLogger`` logs under
 ``data/skipped``. ``ShardDataModule`` counts the batches the training loop has consumed and stores that
 count (with the layout it depends on) in the Lightning checkpoint; on resume each dataloader worker
