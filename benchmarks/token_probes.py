@@ -1,0 +1,141 @@
+"""Where a trained shapes-world run keeps or loses what it sees: linear probes on an object's visual tokens.
+
+For fresh scenes of the run's own world (never trained on), each shape's feature at a level is the mean of
+the visual tokens under its mask (weighted by how much of each token's cell the mask covers), at: the tower's
+output (what the projector reads), the projector's output (the LLM's input) and each LLM layer's output at the
+image positions (prompt: the detailed-description question). A multinomial logistic regression per level and
+attribute is fitted on 70% of the shapes and scored on the rest. Attributes: the 3x3 cell (chance 1/9), the
+kind, the colour and the size. A level that scores high has the attribute linearly in the tokens; a drop from
+one level to the next says where it is lost.
+
+    python benchmarks/token_probes.py runs/shapes-default [--scenes 600] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from datamodules.config import ShapesWorldConfig  # noqa: E402
+from datamodules.shapes import DETAIL_PROMPT, render_scene  # noqa: E402
+from lmm.chat_runner import ChatRunner  # noqa: E402
+from lmm.run_dir import load_run  # noqa: E402
+
+ATTRIBUTES = ("cell", "kind", "colour", "size")
+#: Scene indices of the probe set, past any validation split's.
+FIRST_INDEX = 100_000
+
+
+def token_weights(mask: np.ndarray, image_size: tuple[int, int], side: int) -> np.ndarray:
+    """A (W x H) image's shape mask -> per-token weights on the ``side x side`` grid of its padded square
+    (LLaVA's pad: the image centred on a max(W, H) square), normalised to sum to 1."""
+    width, height = image_size
+    square = max(width, height)
+    if square % side:
+        raise ValueError(f"a {square}-px square does not split into a {side} x {side} token grid")
+    canvas = np.zeros((square, square), bool)
+    top, left = (square - height) // 2, (square - width) // 2
+    canvas[top : top + height, left : left + width] = mask
+    cover = canvas.reshape(side, square // side, side, square // side).mean((1, 3)).reshape(-1)
+    return cover / cover.sum()
+
+
+def probe_accuracy(
+    features: np.ndarray, labels: list, train_fraction: float = 0.7, l2: float = 1e-3
+) -> float:
+    """Held-out accuracy of a multinomial logistic regression (standardised features, L-BFGS)."""
+    classes = sorted(set(labels))
+    y = torch.tensor([classes.index(v) for v in labels])
+    x = torch.tensor(features, dtype=torch.float64)
+    n_train = int(len(y) * train_fraction)
+    mean, std = x[:n_train].mean(0), x[:n_train].std(0) + 1e-6
+    x = (x - mean) / std
+    weight = torch.zeros(x.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = x[:n_train] @ weight + bias
+        loss = torch.nn.functional.cross_entropy(logits, y[:n_train]) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        predicted = (x[n_train:] @ weight + bias).argmax(1)
+    return float((predicted == y[n_train:]).double().mean())
+
+
+@torch.no_grad()
+def object_features(run_dir: str, n_scenes: int, batch_size: int = 16) -> tuple[dict, dict]:
+    """{level: (n_shapes, d) array} and {attribute: labels} over ``n_scenes`` fresh scenes of the run's world."""
+    model, config = load_run(run_dir)
+    world_file = Path(config.data.root) / "world.json"
+    world = ShapesWorldConfig.from_dict(json.loads(world_file.read_text())["config"])
+    stage = config.stages[config.run_stages[-1]]
+    runner = ChatRunner(model, stage.template, "pad")
+    side = int(round(model.encoder.num_tokens**0.5))
+    features: dict[str, list] = {}
+    labels: dict[str, list] = {a: [] for a in ATTRIBUTES}
+    for start in range(0, n_scenes, batch_size):
+        scenes = [
+            render_scene(world.seed, world, split="val", index=FIRST_INDEX + i)
+            for i in range(start, min(n_scenes, start + batch_size))
+        ]
+        batch = runner.batch([runner.prompt(DETAIL_PROMPT, True)] * len(scenes), [s.image for s in scenes])
+        tower = model.encoder(batch.images)
+        levels = {"tower": tower, "projector": model.projector(tower)}
+        embeds = model.embed_inputs(batch.input_ids, batch.images)
+        out = model.llm.model(
+            inputs_embeds=embeds,
+            attention_mask=batch.attention_mask,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        for layer, hidden in enumerate(out.hidden_states[1:], 1):
+            levels[f"llm layer {layer}"] = torch.stack(
+                [hidden[j, s:e] for j, (s, e) in enumerate(batch.image_spans)]  # type: ignore[misc]
+            )
+        for j, scene in enumerate(scenes):
+            for shape in scene.shapes:
+                weights = torch.tensor(token_weights(shape.mask, scene.image.size, side), dtype=torch.float32)
+                for name, tokens in levels.items():
+                    features.setdefault(name, []).append(
+                        (weights[:, None] * tokens[j].float()).sum(0).numpy()
+                    )
+                for attribute in ATTRIBUTES:
+                    labels[attribute].append(getattr(shape, attribute))
+    return {k: np.stack(v) for k, v in features.items()}, labels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--scenes", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    features, labels = object_features(args.run_dir, args.scenes)
+    n = len(labels["cell"])
+    print(f"{args.run_dir}: {n} shapes from {args.scenes} scenes, 70/30 split; held-out probe accuracy\n")
+    print("| level | " + " | ".join(ATTRIBUTES) + " |")
+    print("|---|" + "---|" * len(ATTRIBUTES))
+    for level, x in features.items():
+        scores = [probe_accuracy(x, labels[a]) for a in ATTRIBUTES]
+        print(f"| {level} | " + " | ".join(f"{s:.2f}" for s in scores) + " |")
+    chance = [max(labels[a].count(v) for v in set(labels[a])) / n for a in ATTRIBUTES]
+    print("| majority class | " + " | ".join(f"{c:.2f}" for c in chance) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""benchmarks/token_probes.py: token weights against a hand-placed mask, the probe against separable and
+shuffled labels, and an object's tower feature against the encoder run by hand on a trained tiny run."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "token_probes.py"
+
+
+@pytest.fixture(scope="module")
+def probes():
+    spec = importlib.util.spec_from_file_location("token_probes", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_token_weights_follow_the_padded_square(probes):
+    # A 64 x 96 (W x H) image is centred on a 96-px square: 16 px of padding on the left. On a 4 x 4 grid of
+    # 24-px cells, a mask over image columns 8..31 (square columns 24..47), rows 0..11 covers half of cell
+    # (0, 1) and nothing else.
+    mask = np.zeros((96, 64), bool)
+    mask[0:12, 8:32] = True
+    weights = probes.token_weights(mask, (64, 96), side=4)
+    expected = np.zeros(16)
+    expected[1] = 1.0
+    np.testing.assert_allclose(weights, expected)
+    # Two cells, one covered twice as much as the other: weights 2/3 and 1/3.
+    mask = np.zeros((96, 64), bool)
+    mask[24:48, 8:32] = True  # all of cell (1, 1)
+    mask[48:60, 8:32] = True  # half of cell (2, 1)
+    weights = probes.token_weights(mask, (64, 96), side=4)
+    assert weights[5] == pytest.approx(2 / 3) and weights[9] == pytest.approx(1 / 3)
+    assert weights.sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="does not split"):
+        probes.token_weights(np.ones((10, 10), bool), (10, 10), side=4)
+
+
+def test_probe_reads_a_linear_label_and_not_a_shuffled_one(probes):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 12))
+    labels = list(np.argmax(x[:, :4] @ rng.normal(size=(4, 4)), axis=1))
+    assert probes.probe_accuracy(x, labels) > 0.9
+    shuffled = list(rng.permutation(labels))
+    assert probes.probe_accuracy(x, shuffled) < 0.45  # four classes: about 0.25-0.3 by chance
+
+
+def test_object_features_match_the_encoder_by_hand(probes, tiny_run):
+    from datamodules.config import ShapesWorldConfig
+    from datamodules.shapes import render_scene
+    from lmm.chat_runner import ChatRunner
+    from lmm.run_dir import load_run
+
+    features, labels = probes.object_features(str(tiny_run), n_scenes=3, batch_size=2)
+    n = len(labels["cell"])
+    assert n >= 3 and all(len(v) == n for v in labels.values())
+    model, config = load_run(tiny_run)
+    assert set(features) == {"tower", "projector"} | {
+        f"llm layer {i}" for i in range(1, config.llm.num_layers + 1)
+    }
+    assert all(x.shape == (n, model.llm.width) for k, x in features.items() if k != "tower")
+
+    # The first shape of the first scene, computed independently: pad, encode, weight by mask coverage.
+    world = ShapesWorldConfig.from_dict(
+        json.loads((Path(config.data.root) / "world.json").read_text())["config"]
+    )
+    scene = render_scene(world.seed, world, split="val", index=probes.FIRST_INDEX)
+    shape = scene.shapes[0]
+    runner = ChatRunner(model, config.stages["instruct"].template, "pad")
+    with torch.no_grad():
+        tokens = model.encoder(runner.pixels(scene.image)[None])[0]
+    side = int(round(model.encoder.num_tokens**0.5))
+    width, height = scene.image.size
+    square = max(width, height)
+    top, left = (square - height) // 2, (square - width) // 2
+    canvas = np.zeros((square, square))
+    canvas[top : top + height, left : left + width] = shape.mask
+    cell = square // side
+    cover = np.array([[canvas[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell].mean() for c in range(side)]
+                      for r in range(side)]).reshape(-1)  # fmt: skip
+    expected = (torch.tensor(cover / cover.sum(), dtype=torch.float32)[:, None] * tokens).sum(0)
+    np.testing.assert_allclose(features["tower"][0], expected.numpy(), rtol=1e-4, atol=1e-5)
+    assert labels["kind"][0] == shape.kind and labels["cell"][0] == shape.cell
