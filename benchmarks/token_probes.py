@@ -9,6 +9,12 @@ kind, the colour and the size. A level that scores high has the attribute linear
 one level to the next says where it is lost.
 
     python benchmarks/token_probes.py runs/shapes-default [--scenes 600] [--threads 2]
+
+``--tower`` judges a tower alone, in a minute instead of an LMM run: the config (configs/default.yaml plus the
+``key=value`` overrides given) has its world generated and its tower trained or taken from the cache, and only
+the tower's output is probed.
+
+    python benchmarks/token_probes.py --tower encoder.pretrain.steps=1200
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -76,10 +83,40 @@ def probe_accuracy(
     return float((predicted == y[n_train:]).double().mean())
 
 
+def tower_model(overrides: list[str]) -> tuple[Any, Any]:
+    """The default config with ``overrides``: its world generated and its tower trained (or reused from the
+    cache) if missing; the model built around that tower, with a random projector and LLM."""
+    from datamodules.shapes import ensure_world
+    from lmm.build import build_model
+    from lmm.config_loading import load_config
+    from lmm.towers import ensure_towers
+
+    config = load_config(None, overrides)
+    if config.data.shapes is not None:
+        ensure_world(config.data.shapes, Path(config.data.root))
+    config, _ = ensure_towers(config)
+    return build_model(config, None).eval(), config
+
+
+def _llm_levels(model: Any, batch: Any, skip: bool) -> dict[str, torch.Tensor]:
+    if skip:
+        return {}
+    embeds = model.embed_inputs(batch.input_ids, batch.images)
+    out = model.llm.model(
+        inputs_embeds=embeds, attention_mask=batch.attention_mask, output_hidden_states=True, use_cache=False
+    )
+    return {
+        f"llm layer {layer}": torch.stack([hidden[j, s:e] for j, (s, e) in enumerate(batch.image_spans)])
+        for layer, hidden in enumerate(out.hidden_states[1:], 1)
+    }
+
+
 @torch.no_grad()
-def object_features(run_dir: str, n_scenes: int, batch_size: int = 16) -> tuple[dict, dict]:
-    """{level: (n_shapes, d) array} and {attribute: labels} over ``n_scenes`` fresh scenes of the run's world."""
-    model, config = load_run(run_dir)
+def object_features(
+    model: Any, config: Any, n_scenes: int, batch_size: int = 16, tower_only: bool = False
+) -> tuple[dict, dict]:
+    """{level: (n_shapes, d) array} and {attribute: labels} over ``n_scenes`` fresh scenes of the model's world
+    (``config.data.root``); ``tower_only``: the tower's output alone."""
     world_file = Path(config.data.root) / "world.json"
     world = ShapesWorldConfig.from_dict(json.loads(world_file.read_text())["config"])
     stage = config.stages[config.run_stages[-1]]
@@ -94,18 +131,8 @@ def object_features(run_dir: str, n_scenes: int, batch_size: int = 16) -> tuple[
         ]
         batch = runner.batch([runner.prompt(DETAIL_PROMPT, True)] * len(scenes), [s.image for s in scenes])
         tower = model.encoder(batch.images)
-        levels = {"tower": tower, "projector": model.projector(tower)}
-        embeds = model.embed_inputs(batch.input_ids, batch.images)
-        out = model.llm.model(
-            inputs_embeds=embeds,
-            attention_mask=batch.attention_mask,
-            output_hidden_states=True,
-            use_cache=False,
-        )
-        for layer, hidden in enumerate(out.hidden_states[1:], 1):
-            levels[f"llm layer {layer}"] = torch.stack(
-                [hidden[j, s:e] for j, (s, e) in enumerate(batch.image_spans)]  # type: ignore[misc]
-            )
+        levels = {"tower": tower} if tower_only else {"tower": tower, "projector": model.projector(tower)}
+        levels.update(_llm_levels(model, batch, tower_only))
         for j, scene in enumerate(scenes):
             for shape in scene.shapes:
                 weights = torch.tensor(token_weights(shape.mask, scene.image.size, side), dtype=torch.float32)
@@ -120,14 +147,23 @@ def object_features(run_dir: str, n_scenes: int, batch_size: int = 16) -> tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir")
+    parser.add_argument("source", nargs="*", help="a run directory, or with --tower: key=value overrides")
+    parser.add_argument("--tower", action="store_true", help="probe the configured tower alone")
     parser.add_argument("--scenes", type=int, default=600)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    features, labels = object_features(args.run_dir, args.scenes)
+    if args.tower:
+        model, config = tower_model(args.source)
+        name = "tower of configs/default.yaml " + " ".join(args.source)
+    else:
+        if len(args.source) != 1:
+            parser.error("give one run directory (or --tower with key=value overrides)")
+        model, config = load_run(args.source[0])
+        name = args.source[0]
+    features, labels = object_features(model, config, args.scenes, tower_only=args.tower)
     n = len(labels["cell"])
-    print(f"{args.run_dir}: {n} shapes from {args.scenes} scenes, 70/30 split; held-out probe accuracy\n")
+    print(f"{name}: {n} shapes from {args.scenes} scenes, 70/30 split; held-out probe accuracy\n")
     print("| level | " + " | ".join(ATTRIBUTES) + " |")
     print("|---|" + "---|" * len(ATTRIBUTES))
     for level, x in features.items():

@@ -56,10 +56,10 @@ def test_object_features_match_the_encoder_by_hand(probes, tiny_run):
     from lmm.chat_runner import ChatRunner
     from lmm.run_dir import load_run
 
-    features, labels = probes.object_features(str(tiny_run), n_scenes=3, batch_size=2)
+    model, config = load_run(tiny_run)
+    features, labels = probes.object_features(model, config, n_scenes=3, batch_size=2)
     n = len(labels["cell"])
     assert n >= 3 and all(len(v) == n for v in labels.values())
-    model, config = load_run(tiny_run)
     assert set(features) == {"tower", "projector"} | {
         f"llm layer {i}" for i in range(1, config.llm.num_layers + 1)
     }
@@ -86,3 +86,16 @@ def test_object_features_match_the_encoder_by_hand(probes, tiny_run):
     expected = (torch.tensor(cover / cover.sum(), dtype=torch.float32)[:, None] * tokens).sum(0)
     np.testing.assert_allclose(features["tower"][0], expected.numpy(), rtol=1e-4, atol=1e-5)
     assert labels["kind"][0] == shape.kind and labels["cell"][0] == shape.cell
+
+
+def test_tower_mode_probes_the_configured_tower_alone(probes, tiny_run, tiny_args):
+    """--tower builds the tower from the config (here the same frozen random tiny tower the tiny run has) and
+    gives only its level, equal to the run's tower level on the same scenes."""
+    from lmm.run_dir import load_run
+
+    model, config = probes.tower_model(tiny_args())
+    features, labels = probes.object_features(model, config, n_scenes=3, batch_size=2, tower_only=True)
+    assert set(features) == {"tower"}
+    run_features, run_labels = probes.object_features(*load_run(tiny_run), n_scenes=3, batch_size=2)
+    assert labels == run_labels
+    np.testing.assert_allclose(features["tower"], run_features["tower"], rtol=1e-5, atol=1e-6)
