@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from datamodules.config import ShapesWorldConfig  # noqa: E402
 from datamodules.shapes import DETAIL_PROMPT, render_scene  # noqa: E402
@@ -44,15 +45,17 @@ FIRST_INDEX = 100_000
 
 def token_weights(mask: np.ndarray, image_size: tuple[int, int], side: int) -> np.ndarray:
     """A (W x H) image's shape mask -> per-token weights on the ``side x side`` grid of its padded square
-    (LLaVA's pad: the image centred on a max(W, H) square), normalised to sum to 1."""
+    (LLaVA's pad: the image centred on a max(W, H) square): the mask's area share of each token's cell (box
+    averaging, so cells need not be whole pixels), normalised to sum to 1."""
     width, height = image_size
     square = max(width, height)
-    if square % side:
-        raise ValueError(f"a {square}-px square does not split into a {side} x {side} token grid")
-    canvas = np.zeros((square, square), bool)
+    canvas = np.zeros((square, square), np.float32)
     top, left = (square - height) // 2, (square - width) // 2
     canvas[top : top + height, left : left + width] = mask
-    cover = canvas.reshape(side, square // side, side, square // side).mean((1, 3)).reshape(-1)
+    cover = np.asarray(Image.fromarray(canvas).resize((side, side), Image.Resampling.BOX), np.float64)
+    cover = cover.reshape(-1)
+    if cover.sum() <= 0:
+        raise ValueError("the mask is empty: no token to weight")
     return cover / cover.sum()
 
 

@@ -37,8 +37,10 @@ def test_token_weights_follow_the_padded_square(probes):
     weights = probes.token_weights(mask, (64, 96), side=4)
     assert weights[5] == pytest.approx(2 / 3) and weights[9] == pytest.approx(1 / 3)
     assert weights.sum() == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="does not split"):
-        probes.token_weights(np.ones((10, 10), bool), (10, 10), side=4)
+    # Cells that are not whole pixels (a 10-px square on a 4 x 4 grid): a full mask weighs every token alike.
+    np.testing.assert_allclose(probes.token_weights(np.ones((10, 10), bool), (10, 10), side=4), 1 / 16)
+    with pytest.raises(ValueError, match="empty"):
+        probes.token_weights(np.zeros((10, 10), bool), (10, 10), side=4)
 
 
 def test_probe_reads_a_linear_label_and_not_a_shuffled_one(probes):
