@@ -20,7 +20,6 @@ the tower's output is probed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -34,7 +33,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from datamodules.config import ShapesWorldConfig  # noqa: E402
-from datamodules.shapes import DETAIL_PROMPT, render_scene  # noqa: E402
+from datamodules.shapes import DETAIL_PROMPT, load_world_summary, render_scene  # noqa: E402
+from grounding.layout import pad_box  # noqa: E402
 from lmm.chat_runner import ChatRunner  # noqa: E402
 from lmm.run_dir import load_run  # noqa: E402
 
@@ -48,10 +48,9 @@ def token_weights(mask: np.ndarray, image_size: tuple[int, int], side: int) -> n
     (LLaVA's pad: the image centred on a max(W, H) square): the mask's area share of each token's cell (box
     averaging, so cells need not be whole pixels), normalised to sum to 1."""
     width, height = image_size
-    square = max(width, height)
-    canvas = np.zeros((square, square), np.float32)
-    top, left = (square - height) // 2, (square - width) // 2
-    canvas[top : top + height, left : left + width] = mask
+    left, top, right, _ = (int(v) for v in pad_box(height, width))  # the square, in the image's pixels
+    canvas = np.zeros((right - left, right - left), np.float32)
+    canvas[-top : -top + height, -left : -left + width] = mask
     cover = np.asarray(Image.fromarray(canvas).resize((side, side), Image.Resampling.BOX), np.float64)
     cover = cover.reshape(-1)
     if cover.sum() <= 0:
@@ -101,9 +100,8 @@ def tower_model(overrides: list[str]) -> tuple[Any, Any]:
     return build_model(config, None).eval(), config
 
 
-def _llm_levels(model: Any, batch: Any, skip: bool) -> dict[str, torch.Tensor]:
-    if skip:
-        return {}
+def _llm_levels(model: Any, batch: Any) -> dict[str, torch.Tensor]:
+    """Each LLM layer's output at the image positions of ``batch``."""
     embeds = model.embed_inputs(batch.input_ids, batch.images)
     out = model.llm.model(
         inputs_embeds=embeds, attention_mask=batch.attention_mask, output_hidden_states=True, use_cache=False
@@ -120,8 +118,10 @@ def object_features(
 ) -> tuple[dict, dict]:
     """{level: (n_shapes, d) array} and {attribute: labels} over ``n_scenes`` fresh scenes of the model's world
     (``config.data.root``); ``tower_only``: the tower's output alone."""
-    world_file = Path(config.data.root) / "world.json"
-    world = ShapesWorldConfig.from_dict(json.loads(world_file.read_text())["config"])
+    summary = load_world_summary(config.data.root)
+    if summary is None:
+        raise FileNotFoundError(f"{config.data.root} holds no complete shapes world (world.json)")
+    world = ShapesWorldConfig.from_dict(summary["config"])
     stage = config.stages[config.run_stages[-1]]
     runner = ChatRunner(model, stage.template, "pad")
     side = int(round(model.encoder.num_tokens**0.5))
@@ -134,8 +134,9 @@ def object_features(
         ]
         batch = runner.batch([runner.prompt(DETAIL_PROMPT, True)] * len(scenes), [s.image for s in scenes])
         tower = model.encoder(batch.images)
-        levels = {"tower": tower} if tower_only else {"tower": tower, "projector": model.projector(tower)}
-        levels.update(_llm_levels(model, batch, tower_only))
+        levels = {"tower": tower}
+        if not tower_only:
+            levels.update(projector=model.projector(tower), **_llm_levels(model, batch))
         for j, scene in enumerate(scenes):
             for shape in scene.shapes:
                 weights = torch.tensor(token_weights(shape.mask, scene.image.size, side), dtype=torch.float32)

@@ -2,7 +2,6 @@
 shuffled labels, and an object's tower feature against the encoder run by hand on a trained tiny run."""
 
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +53,7 @@ def test_probe_reads_a_linear_label_and_not_a_shuffled_one(probes):
 
 def test_object_features_match_the_encoder_by_hand(probes, tiny_run):
     from datamodules.config import ShapesWorldConfig
-    from datamodules.shapes import render_scene
+    from datamodules.shapes import load_world_summary, render_scene
     from lmm.chat_runner import ChatRunner
     from lmm.run_dir import load_run
 
@@ -68,9 +67,7 @@ def test_object_features_match_the_encoder_by_hand(probes, tiny_run):
     assert all(x.shape == (n, model.llm.width) for k, x in features.items() if k != "tower")
 
     # The first shape of the first scene, computed independently: pad, encode, weight by mask coverage.
-    world = ShapesWorldConfig.from_dict(
-        json.loads((Path(config.data.root) / "world.json").read_text())["config"]
-    )
+    world = ShapesWorldConfig.from_dict(load_world_summary(config.data.root)["config"])
     scene = render_scene(world.seed, world, split="val", index=probes.FIRST_INDEX)
     shape = scene.shapes[0]
     runner = ChatRunner(model, config.stages["instruct"].template, "pad")
