@@ -103,6 +103,10 @@ class GroundingEvaluator:
             img = data.gt.images[iid]
             pointing.update(img.gt_masks, img.labels, r.phrases if r else [], r.points if r else [])
         metrics["pointing"] = float(pointing.compute())
+        # Why the misses miss: attention on another object, on no object, or the phrase never said.
+        for reason, share in pointing.breakdown().items():
+            if reason != "hit":
+                metrics[f"pointing_miss_{reason}"] = share
         description = DescriptionAccuracy(self.config.description_words, sync_on_compute=False)
         for iid in data.gt.eval_ids:
             r = results.get(iid)

@@ -525,7 +525,13 @@ class PhrasePointingAccuracy(PointingAccuracy):
     point ``(x, y)`` (floored) lies inside the GT mask. Unlike :class:`PointingAccuracy`, which pairs by mask
     IoU, a point on the wrong object cannot be credited to that object, so this measures whether attention
     finds what the text names, independently of the refiner. Denominator: the number of GT phrases. A random
-    point scores the mean GT mask area fraction (the chance level). States: ``hits`` and ``total`` (sum).
+    point scores the mean GT mask area fraction (the chance level).
+
+    Every GT phrase that is not a hit lands in one of three bins (:meth:`breakdown`), which tell apart what
+    to fix: ``other_object`` (paired, the point lies on another GT object of the image: attention found the
+    wrong thing), ``elsewhere`` (paired, the point is on no GT object, or there is no point) and
+    ``unpaired`` (no predicted phrase names it: the text is what failed). States: ``hits``, ``other_object``,
+    ``elsewhere`` and ``total`` (sum); unpaired = total minus the others.
     """
 
     def __init__(
@@ -534,6 +540,8 @@ class PhrasePointingAccuracy(PointingAccuracy):
         super().__init__(**kwargs)
         self.similarity = similarity
         self.text_threshold = float(text_threshold)
+        self.add_state("other_object", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("elsewhere", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(  # type: ignore[override]
         self,
@@ -560,8 +568,27 @@ class PhrasePointingAccuracy(PointingAccuracy):
             g, p = np.unravel_index(int(np.argmax(sims)), sims.shape)
             sims[g, :] = -np.inf
             sims[:, p] = -np.inf
-            self.hits += int(_point_in_mask(points[p], gt[g], f"pred_points[{p}]"))
+            if _point_in_mask(points[p], gt[g], f"pred_points[{p}]"):
+                self.hits += 1
+            elif any(_point_in_mask(points[p], gt[k], f"pred_points[{p}]") for k in range(len(gt)) if k != g):
+                self.other_object += 1
+            else:
+                self.elsewhere += 1
         self.total += len(gt)
+
+    def breakdown(self) -> dict[str, float]:
+        """Fractions of the GT phrases: ``hit`` (= :meth:`compute`), ``other_object``, ``elsewhere`` and
+        ``unpaired``; they sum to 1 (all 0.0 with no GT phrases)."""
+        total = int(self.total)
+        if total == 0:
+            return dict.fromkeys(("hit", "other_object", "elsewhere", "unpaired"), 0.0)
+        hits, other, elsewhere = int(self.hits), int(self.other_object), int(self.elsewhere)
+        return {
+            "hit": hits / total,
+            "other_object": other / total,
+            "elsewhere": elsewhere / total,
+            "unpaired": (total - hits - other - elsewhere) / total,
+        }
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -488,3 +488,25 @@ def test_phrase_pointing_matches_by_text_not_by_mask():
         [red, blue], ["red", "blue"], ["a red thing"], [(1, 1)], similarity_matrix=np.array([[0.6], [0.7]])
     )
     assert float(metric.compute()) == 1 / 4  # the single prediction pairs with "blue" (0.7) and misses it
+
+
+def test_phrase_pointing_breakdown_bins_every_miss_once():
+    from grounding.metrics import PhrasePointingAccuracy
+
+    red = np.zeros((10, 10), bool)
+    red[0:4, 0:4] = True
+    blue = np.zeros((10, 10), bool)
+    blue[6:10, 6:10] = True
+    green = np.zeros((10, 10), bool)
+    green[0:4, 6:10] = True
+    metric = PhrasePointingAccuracy(sync_on_compute=False)
+    assert metric.breakdown() == {"hit": 0.0, "other_object": 0.0, "elsewhere": 0.0, "unpaired": 0.0}
+    # red -> a point on the blue square (other object); blue -> on its own square (hit); green -> no prediction
+    # above the text threshold (unpaired).
+    sims = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.2]])
+    metric.update([red, blue, green], ["red", "blue", "green"], ["red", "blue"], [(7, 7), (8, 8)], sims)
+    # Second image: red points at the empty middle (elsewhere), blue has no point at all (elsewhere).
+    metric.update([red, blue], ["red", "blue"], ["red", "blue"], [(5, 5), None], np.eye(2))
+    shares = metric.breakdown()
+    assert shares == {"hit": 1 / 5, "other_object": 1 / 5, "elsewhere": 2 / 5, "unpaired": 1 / 5}
+    assert shares["hit"] == float(metric.compute())
