@@ -6,7 +6,9 @@ output (what the projector reads), the projector's output (the LLM's input) and 
 image positions (prompt: the detailed-description question). A multinomial logistic regression per level and
 attribute is fitted on 70% of the shapes and scored on the rest. Attributes: the 3x3 cell (chance 1/9), the
 kind, the colour and the size. A level that scores high has the attribute linearly in the tokens; a drop from
-one level to the next says where it is lost.
+one level to the next says where it is lost. One more level, "tower, 3x3 window", concatenates the tower's
+3 x 3 tokens around the object's heaviest token instead of averaging them: what the arrangement of its tokens
+adds to their mean.
 
     python benchmarks/token_probes.py runs/shapes-default [--scenes 600] [--threads 2]
 
@@ -39,6 +41,8 @@ from lmm.chat_runner import ChatRunner  # noqa: E402
 from lmm.run_dir import load_run  # noqa: E402
 
 ATTRIBUTES = ("cell", "kind", "colour", "size")
+#: The level that keeps the arrangement of the tower's tokens around an object (``window_feature``).
+WINDOW_LEVEL = "tower, 3x3 window"
 #: Scene indices of the probe set, past any validation split's.
 FIRST_INDEX = 100_000
 
@@ -56,6 +60,15 @@ def token_weights(mask: np.ndarray, image_size: tuple[int, int], side: int) -> n
     if cover.sum() <= 0:
         raise ValueError("the mask is empty: no token to weight")
     return cover / cover.sum()
+
+
+def window_feature(tokens: torch.Tensor, weights: np.ndarray, side: int, radius: int = 1) -> np.ndarray:
+    """The ``(2 radius + 1)^2`` tokens around an object's heaviest token, concatenated in row-major order (zeros
+    past the grid's edge): unlike the mean, it keeps how the object's tokens are arranged."""
+    grid = tokens.reshape(side, side, -1)
+    row, col = divmod(int(np.argmax(weights)), side)
+    padded = torch.nn.functional.pad(grid.permute(2, 0, 1), (radius,) * 4).permute(1, 2, 0)
+    return padded[row : row + 2 * radius + 1, col : col + 2 * radius + 1].reshape(-1).numpy()
 
 
 def probe_accuracy(
@@ -144,6 +157,9 @@ def object_features(
                     features.setdefault(name, []).append(
                         (weights[:, None] * tokens[j].float()).sum(0).numpy()
                     )
+                features.setdefault(WINDOW_LEVEL, []).append(
+                    window_feature(tower[j].float(), weights.numpy(), side)
+                )
                 for attribute in ATTRIBUTES:
                     labels[attribute].append(getattr(shape, attribute))
     return {k: np.stack(v) for k, v in features.items()}, labels

@@ -42,6 +42,19 @@ def test_token_weights_follow_the_padded_square(probes):
         probes.token_weights(np.zeros((10, 10), bool), (10, 10), side=4)
 
 
+def test_window_feature_takes_the_neighbourhood_of_the_heaviest_token(probes):
+    side, d = 4, 2
+    tokens = torch.arange(side * side * d, dtype=torch.float32).reshape(side * side, d)
+    weights = np.zeros(side * side)
+    weights[[5, 6]] = [0.7, 0.3]  # heaviest: row 1, column 1
+    inner = probes.window_feature(tokens, weights, side).reshape(3, 3, d)
+    np.testing.assert_array_equal(inner[:, :, 0], [[0, 2, 4], [8, 10, 12], [16, 18, 20]])  # tokens 0-2, 4-6, 8-10
+    weights[:] = 0
+    weights[15] = 1  # the bottom-right corner: the window's last row and column lie past the grid
+    corner = probes.window_feature(tokens, weights, side).reshape(3, 3, d)
+    np.testing.assert_array_equal(corner[:, :, 1], [[21, 23, 0], [29, 31, 0], [0, 0, 0]])
+
+
 def test_probe_reads_a_linear_label_and_not_a_shuffled_one(probes):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(600, 12))
@@ -61,10 +74,11 @@ def test_object_features_match_the_encoder_by_hand(probes, tiny_run):
     features, labels = probes.object_features(model, config, n_scenes=3, batch_size=2)
     n = len(labels["cell"])
     assert n >= 3 and all(len(v) == n for v in labels.values())
-    assert set(features) == {"tower", "projector"} | {
+    assert set(features) == {"tower", probes.WINDOW_LEVEL, "projector"} | {
         f"llm layer {i}" for i in range(1, config.llm.num_layers + 1)
     }
-    assert all(x.shape == (n, model.llm.width) for k, x in features.items() if k != "tower")
+    assert all(x.shape == (n, model.llm.width) for k, x in features.items() if not k.startswith("tower"))
+    assert features[probes.WINDOW_LEVEL].shape == (n, 9 * model.encoder.embed_dim)
 
     # The first shape of the first scene, computed independently: pad, encode, weight by mask coverage.
     world = ShapesWorldConfig.from_dict(load_world_summary(config.data.root)["config"])
@@ -94,7 +108,8 @@ def test_tower_mode_probes_the_configured_tower_alone(probes, tiny_run, tiny_arg
 
     model, config = probes.tower_model(tiny_args())
     features, labels = probes.object_features(model, config, n_scenes=3, batch_size=2, tower_only=True)
-    assert set(features) == {"tower"}
+    assert set(features) == {"tower", probes.WINDOW_LEVEL}
     run_features, run_labels = probes.object_features(*load_run(tiny_run), n_scenes=3, batch_size=2)
     assert labels == run_labels
-    np.testing.assert_allclose(features["tower"], run_features["tower"], rtol=1e-5, atol=1e-6)
+    for level in ("tower", probes.WINDOW_LEVEL):
+        np.testing.assert_allclose(features[level], run_features[level], rtol=1e-5, atol=1e-6)
