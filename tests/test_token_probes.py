@@ -48,7 +48,8 @@ def test_window_feature_takes_the_neighbourhood_of_the_heaviest_token(probes):
     weights = np.zeros(side * side)
     weights[[5, 6]] = [0.7, 0.3]  # heaviest: row 1, column 1
     inner = probes.window_feature(tokens, weights, side).reshape(3, 3, d)
-    np.testing.assert_array_equal(inner[:, :, 0], [[0, 2, 4], [8, 10, 12], [16, 18, 20]])  # tokens 0-2, 4-6, 8-10
+    # Tokens 0-2, 4-6 and 8-10; token k holds (2k, 2k + 1).
+    np.testing.assert_array_equal(inner[:, :, 0], [[0, 2, 4], [8, 10, 12], [16, 18, 20]])
     weights[:] = 0
     weights[15] = 1  # the bottom-right corner: the window's last row and column lie past the grid
     corner = probes.window_feature(tokens, weights, side).reshape(3, 3, d)
