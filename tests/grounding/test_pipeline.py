@@ -42,8 +42,10 @@ def test_callback_logs_grounding_for_both_stages(trained_run):
     for h in history:
         assert 0.0 <= h["pointing"] <= 1.0 and 0.0 <= h["recall"] <= 1.0 and h["n_images"] == 4
         assert 0.0 < h["chance_pointing"] < 0.5
+        # "unpaired" is the remainder after hits and the two counted bins: a phrase counted twice would make
+        # it negative.
         misses = [h[f"pointing_miss_{r}"] for r in ("other_object", "elsewhere", "unpaired")]
-        assert h["pointing"] + sum(misses) == pytest.approx(1.0)
+        assert all(0.0 <= m <= 1.0 for m in misses)
     acc = EventAccumulator(str(trained_run / "tensorboard" / "instruct"), size_guidance={"images": 10})
     acc.Reload()
     assert [e.step for e in acc.Scalars("grounding/recall")] == [15, 30]
