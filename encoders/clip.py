@@ -1,11 +1,12 @@
 """The frozen CLIP vision encoder: patch tokens of a chosen (by default the penultimate) transformer layer.
 
-Two back-ends behind one module. ``open_clip``: any ViT that open_clip knows by name (``ViT-L-14-336`` for
+Three back-ends behind one module. ``open_clip``: any ViT that open_clip knows by name (``ViT-L-14-336`` for
 LLaVA-1.5), optionally resized by config for tiny test and default models, with weights from a local
 open_clip/OpenAI checkpoint file (a state dict in ``.bin``/``.pt``/``.safetensors``, or OpenAI's TorchScript
 archive). ``hf``: a local Hugging Face ``CLIPVisionModel`` folder (how LLaVA checkpoints name their tower).
 Either way the output is the patch tokens of layer ``select_layer`` (CLS dropped, no final norm), computed
-without running the layers above it, as LLaVA does with ``hidden_states[-2][:, 1:]``.
+without running the layers above it, as LLaVA does with ``hidden_states[-2][:, 1:]``. ``convnet``: the
+shapes world's convolutional tower (``encoders.conv_tower``), whose tokens are its last stage's cells.
 """
 
 from __future__ import annotations
@@ -43,7 +44,14 @@ class ClipEncoder(VisualEncoder):
                 "encoder.pretrain is set but encoder.weights is not: the in-world tower has not been trained "
                 "or found in the cache yet (train.py does it first: lmm.towers.ensure_towers)"
             )
-        if config.model == "hf":
+        if config.model == "convnet":
+            self.backend = "convnet"
+            self.tower = _build_conv_tower(config)
+            self._image_size = config.image_size
+            self._patch_size = self.tower.patch_size[0]
+            self._width = self.tower.width
+            self._mean, self._std = CLIP_MEAN, CLIP_STD
+        elif config.model == "hf":
             self.backend = "hf"
             self.tower, self._image_size, self._patch_size, self._width, self._mean, self._std = (
                 _load_hf_tower(config)
@@ -87,6 +95,8 @@ class ClipEncoder(VisualEncoder):
             # The HF tower was truncated at load time, so its last hidden state is the selected layer.
             hidden = self.tower(pixel_values=images, output_hidden_states=False).last_hidden_state
             return hidden[:, 1:]
+        if self.backend == "convnet":
+            return self.tower.forward_tokens(images)
         n_layers = len(self.tower.transformer.resblocks)
         block = (
             n_layers + self.config.select_layer if self.config.select_layer < 0 else self.config.select_layer
@@ -98,9 +108,27 @@ class ClipEncoder(VisualEncoder):
 
 
 def build_vision_tower(config: ClipEncoderConfig) -> nn.Module:
-    """The open_clip ``VisionTransformer`` the encoder runs, randomly initialised from ``init_seed``
-    (``weights`` ignored): what in-world pretraining (``encoders.pretraining.contrastive``) trains."""
-    return _build_open_clip_tower(dataclasses.replace(config, weights=None))
+    """The open_clip ``VisionTransformer`` (or ``ConvTower``) the encoder runs, randomly initialised from
+    ``init_seed`` (``weights`` ignored): what in-world pretraining (``encoders.pretraining.contrastive``) trains."""
+    config = dataclasses.replace(config, weights=None)
+    return _build_conv_tower(config) if config.model == "convnet" else _build_open_clip_tower(config)
+
+
+def _output_dim(config: ClipEncoderConfig, default: int) -> int:
+    # An in-world pretrained tower keeps its contrastive projection, of the recipe's width.
+    return config.pretrain.embed_dim if config.pretrain is not None else default
+
+
+def _build_conv_tower(config: ClipEncoderConfig) -> nn.Module:
+    from encoders.conv_tower import ConvTower
+
+    with seeded_init(config.init_seed):
+        tower = ConvTower(
+            config.image_size, config.conv_channels, config.width, _output_dim(config, config.width)
+        )
+    if config.weights is not None:
+        _load_visual_weights(tower, config)
+    return tower
 
 
 def _build_open_clip_tower(config: ClipEncoderConfig) -> nn.Module:
@@ -131,28 +159,39 @@ def _build_open_clip_tower(config: ClipEncoderConfig) -> nn.Module:
             layers=n_layers,
             heads=width // vision.get("head_width", 64),
             mlp_ratio=vision.get("mlp_ratio", 4.0),
-            # An in-world pretrained tower keeps its contrastive projection, of the recipe's width.
-            output_dim=config.pretrain.embed_dim if config.pretrain is not None else arch["embed_dim"],
+            output_dim=_output_dim(config, arch["embed_dim"]),
             act_layer=QuickGELU if config.quick_gelu else nn.GELU,
             norm_layer=LayerNorm,
             pool_type=config.pool_type,
             pos_embed_type=config.pos_embed_type,
         )
     if config.weights is not None:
-        state = _read_open_clip_state(Path(config.weights))
-        visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
-        if not visual:
-            raise ValueError(
-                f"{config.weights}: no 'visual.*' keys; expected an open_clip or OpenAI CLIP checkpoint"
-            )
-        missing, unexpected = tower.load_state_dict(visual, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{config.weights}: does not match {config.model} "
-                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-            )
-        log.info("loaded CLIP vision weights from %s", config.weights)
+        _load_visual_weights(tower, config)
     return tower
+
+
+def _load_visual_weights(tower: nn.Module, config: ClipEncoderConfig) -> None:
+    state = _read_open_clip_state(Path(config.weights))
+    visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    if not visual:
+        raise ValueError(
+            f"{config.weights}: no 'visual.*' keys; expected an open_clip or OpenAI CLIP checkpoint"
+        )
+    own = tower.state_dict()
+    wrong = [k for k, v in visual.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        key = wrong[0]
+        raise ValueError(
+            f"{config.weights}: does not match {config.model}: {key} has shape {list(visual[key].shape)}, "
+            f"expected {list(own[key].shape)} ({len(wrong)} tensors differ)"
+        )
+    missing, unexpected = tower.load_state_dict(visual, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{config.weights}: does not match {config.model} "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    log.info("loaded CLIP vision weights from %s", config.weights)
 
 
 def _read_open_clip_state(path: Path) -> dict[str, Tensor]:

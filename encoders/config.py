@@ -96,7 +96,9 @@ class ClipEncoderConfig:
     """Schema of ``encoder:`` when ``name: clip``. Size fields left at None keep the named architecture's."""
 
     name: str = "clip"
-    #: open_clip architecture name (``ViT-L-14-336``), or ``hf`` to load ``weights`` as a CLIPVisionModel folder.
+    #: open_clip architecture name (``ViT-L-14-336``), ``hf`` to load ``weights`` as a CLIPVisionModel folder, or
+    #: ``convnet``: the small convolutional tower of ``encoders.conv_tower`` (local tokens), sized by
+    #: ``image_size``, ``conv_channels`` and ``width``; its tokens are its last stage's, whatever ``select_layer``.
     model: str = "ViT-L-14-336"
     #: Local weight file (open_clip/OpenAI) or HF folder; None = random initialisation from ``init_seed``.
     weights: str | None = None
@@ -115,6 +117,9 @@ class ClipEncoderConfig:
     #: embedding of unit amplitude that contrastive pretraining cannot wash out, so every token keeps saying
     #: where it is (captions rarely need it, answers to "where is ...?" do).
     pos_embed_type: PosEmbedType = "learnable"
+    #: ``convnet`` only: the stem's width, then each stride-2 stage's before the last (which has ``width``); the
+    #: tower's stride, ``patch_size``, is 2 to the number of entries.
+    conv_channels: tuple[int, ...] = (16, 32, 64)
     init_seed: int = 0
     #: Pretrain the tower in-world (contrastively, cached) instead of loading ``weights`` or keeping a random
     #: one. ``train.py`` fills ``weights`` with the cached file, so the run's config.yaml names it.
@@ -128,12 +133,47 @@ class ClipEncoderConfig:
             raise ValueError("pool_type applies to open_clip architectures (model), not 'hf'")
         if self.pos_embed_type != "learnable" and self.model == "hf":
             raise ValueError("pos_embed_type applies to open_clip architectures (model), not 'hf'")
+        if self.model == "convnet":
+            self._check_convnet()
         if self.image_size is not None and self.patch_size is not None and self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
             )
         if self.width is not None and self.head_width is not None and self.width % self.head_width:
             raise ValueError(f"width {self.width} is not a multiple of head_width {self.head_width}")
+
+    def _check_convnet(self) -> None:
+        missing = [name for name in ("image_size", "width") if getattr(self, name) is None]
+        if missing:
+            raise ValueError(
+                f"model 'convnet' needs {' and '.join(missing)} (there is no named architecture)"
+            )
+        vit_only = [name for name in ("layers", "head_width") if getattr(self, name) is not None]
+        if vit_only:
+            raise ValueError(
+                f"{', '.join(vit_only)}: ViT sizes; model 'convnet' is sized by conv_channels and width"
+            )
+        if not self.conv_channels or min(self.conv_channels) <= 0:
+            raise ValueError(f"conv_channels must be positive widths, got {list(self.conv_channels)}")
+        stride = 2 ** len(self.conv_channels)
+        if self.patch_size is not None and self.patch_size != stride:
+            raise ValueError(
+                f"patch_size {self.patch_size}: a convnet with {len(self.conv_channels)} conv_channels has stride "
+                f"{stride} (leave patch_size unset or make them agree)"
+            )
+        if self.image_size % stride:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of the convnet's stride {stride}"
+            )
+        if self.pool_type != "avg":
+            raise ValueError(
+                "model 'convnet' has no CLS token: its embedding is the mean token (pool_type: avg)"
+            )
+        if self.pos_embed_type != "sin_cos_2d":
+            raise ValueError(
+                "model 'convnet' adds fixed positions to its tokens (pos_embed_type: sin_cos_2d): nothing would "
+                "train a learnable table, since its pooled embedding is a mean over positions"
+            )
 
 
 @dataclasses.dataclass

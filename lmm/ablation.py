@@ -5,10 +5,10 @@ Trains the embedded default (``python train.py``) once per encoder and seed and 
 and sample standard deviation over seeds of the final grounding metrics on the shapes world's validation set
 (pointing accuracy, mask recall, mIoU, AP50, description accuracy), held-out QA accuracy and wall time, plus
 the difference of the means (fused - clip) with its standard error. By default (``--towers pretrained``, the
-paper's setting) ``clip`` selects ``encoder=clip_tiny_pretrained`` (the embedded default's tower, pretrained
-in-world) and ``fused`` ``encoder=fused_tiny_pretrained`` (DiffLMM's U-Net + CLIP features, with the same CLIP
-tower and an in-world VAE and U-Net); ``--towers random`` selects ``clip_tiny`` and ``fused_tiny``, frozen
-random towers. A seed sets the
+paper's setting) ``clip`` selects ``encoder=clip_conv_pretrained`` (the embedded default's convolutional CLIP
+tower, pretrained in-world) and ``fused`` ``encoder=fused_tiny_pretrained`` (DiffLMM's U-Net + CLIP features,
+with the same CLIP tower and an in-world VAE and U-Net); ``--towers random`` selects ``clip_tiny`` and
+``fused_tiny``, frozen random ViT towers. A seed sets the
 run's ``seed`` (data order and the projector's initialisation) and ``llm.init_seed``; the towers are the same
 for every seed (random ones from their fixed ``init_seed``; pretrained ones trained once into the tower cache,
 which every run shares), so the spread is that of the LMM's training, not of the towers'. Extra
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: random towers; ``pretrained``: towers pretrained in-world (cached, shared by every run), as the default's.
 TOWERS: dict[str, dict[str, list[str]]] = {
     "random": {"clip": ["encoder=clip_tiny"], "fused": ["encoder=fused_tiny"]},
-    "pretrained": {"clip": ["encoder=clip_tiny_pretrained"], "fused": ["encoder=fused_tiny_pretrained"]},
+    "pretrained": {"clip": ["encoder=clip_conv_pretrained"], "fused": ["encoder=fused_tiny_pretrained"]},
 }
 ENCODERS = tuple(TOWERS["random"])
 #: (key in a run's results, column title).

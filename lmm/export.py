@@ -143,6 +143,10 @@ def vision_tower_for(model: LMM) -> tuple[Any, dict[str, Tensor], int]:
             f"encoder {name!r} (DiffLMM's diffusion / fused towers) has no LlavaForConditionalGeneration "
             "equivalent; only the clip encoder exports"
         )
+    if encoder.backend == "convnet":
+        raise ExportError(
+            "a convnet CLIP tower (encoder.model: convnet) has no CLIPVisionModel equivalent; only ViT towers export"
+        )
     layer = hf_hidden_state_index(encoder.config.select_layer, encoder.backend)
     if encoder.backend == "open_clip":
         try:

@@ -76,6 +76,8 @@ class _TowerStages:
         architecture = dataclasses.asdict(clip)
         for irrelevant in ("name", "weights", "pretrain", "select_layer"):  # select_layer: only read out
             architecture.pop(irrelevant)
+        if clip.model != "convnet":  # a ViT's key stays what it was before convnets existed
+            architecture.pop("conv_channels")
         return tower_key(
             {"kind": "clip", "architecture": architecture, "recipe": dataclasses.asdict(clip.pretrain),
              "data": self.fingerprint}

@@ -29,8 +29,10 @@ def tiny_world(tmp_path_factory):
     return root
 
 
-def tiny_overrides(world, run_root, run_name="t", steps=(4, 4)):
-    """Overrides that shrink configs/default.yaml to a seconds-long CPU run on ``world``."""
+def tiny_overrides(world, run_root, run_name="t", steps=(4, 4), vit=False):
+    """Overrides that shrink configs/default.yaml to a seconds-long CPU run on ``world``: the default's
+    convolutional tower at 32 px (a 4 x 4 grid), or with ``vit`` the tiny ViT (what exports to transformers)."""
+    encoder = ["encoder=clip_tiny", "encoder.layers=2", "encoder.head_width=32"] if vit else []
     return [
         f"data.root={world}",
         "data.shapes=null",
@@ -40,8 +42,7 @@ def tiny_overrides(world, run_root, run_name="t", steps=(4, 4)):
         f"run_name={run_name}",
         "encoder.image_size=32",
         "encoder.width=64",
-        "encoder.layers=2",
-        "encoder.head_width=32",
+        *encoder,
         "encoder.pretrain=null",  # a random tower: tests of the tower stages pretrain tiny ones themselves
         "llm.hidden_size=64",
         "llm.num_layers=2",
@@ -69,11 +70,12 @@ def tiny_args(tiny_world, tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_world, tmp_path_factory):
-    """A run trained for a few steps by train.py on the tiny world (no grounding callback): its directory."""
+    """A run trained for a few steps by train.py on the tiny world (no grounding callback), with the tiny ViT
+    tower so that it exports: its directory."""
     import train
 
     root = tmp_path_factory.mktemp("runs")
-    args = tiny_overrides(tiny_world, root, run_name="tiny", steps=(2, 3)) + [
+    args = tiny_overrides(tiny_world, root, run_name="tiny", steps=(2, 3), vit=True) + [
         "grounding.enabled=false",
         "qa_eval.limit=1",
     ]

@@ -21,7 +21,7 @@ def test_runs_vary_encoder_and_seed_and_refuse_overrides_they_own():
     assert runs[0].overrides[0] == "encoder=clip_tiny"
     # The default is the paper's setting: in-world pretrained towers, as the embedded default run uses.
     assert [r.overrides[0] for r in plan_runs(["clip", "fused"], [0])] == [
-        "encoder=clip_tiny_pretrained", "encoder=fused_tiny_pretrained"
+        "encoder=clip_conv_pretrained", "encoder=fused_tiny_pretrained"
     ]  # fmt: skip
     with pytest.raises(ValueError, match="seed=4"):
         plan_runs(["clip"], [0], ["seed=4"])
@@ -44,6 +44,9 @@ def test_pretrained_towers_select_encoders_that_pretrain_every_tower():
         else:  # the fused encoder: its CLIP tower, VAE and U-Net
             assert random.pretrain is None and random.clip.pretrain is None
             assert pretrained.pretrain is not None and pretrained.clip.pretrain is not None
+    # Both encoders read the embedded default's CLIP tower, so they share its cache entry.
+    clip, fused = (load_config(None, list(r.overrides)).encoder for r in plan_runs(["clip", "fused"], [0]))
+    assert clip == load_config(None, []).encoder == fused.clip
     with pytest.raises(ValueError, match="unknown towers"):
         plan_runs(["clip"], [0], towers="imagenet")
 

@@ -160,6 +160,13 @@ def test_what_llava_cannot_represent_is_refused(tiny_world, tmp_path, capsys):
     clip_model = LMM(fused.clip, ProjectorConfig(name="linear"), llm)
     with pytest.raises(ExportError, match="not mlp2x_gelu"):
         export_llava_hf(clip_model, tmp_path / "linear", template="vicuna_v1", aspect="pad")
+    # The default's convolutional tower has no CLIPVisionModel form.
+    convnet = load_config(None, ["encoder.pretrain=null", f"llm.tokenizer={tiny_world}/tokenizer"]).encoder
+    with pytest.raises(ExportError, match="convnet CLIP tower .* has no CLIPVisionModel equivalent"):
+        export_llava_hf(
+            LMM(convnet, ProjectorConfig(), llm), tmp_path / "convnet", template="vicuna_v1", aspect="pad"
+        )
+    assert not (tmp_path / "convnet").exists()
     # The command refuses a fused run from its config, before building the model.
     run = tmp_path / "runs" / "fused"
     run.mkdir(parents=True)

@@ -333,13 +333,15 @@ def test_the_cached_tower_train_py_names_binds_through_its_recipe(tmp_path):
     from lmm.run_binding import RunBindingError
 
     cached = tmp_path / "towers" / "clip-abc" / "visual.safetensors"
-    _fake_run(tmp_path, ["encoder=clip_tiny_pretrained", f"encoder.weights={cached}"], started=("pretrain",))
-    assert _check(tmp_path, ["encoder=clip_tiny_pretrained"]).changed == {}
+    _fake_run(tmp_path, ["encoder=clip_conv_pretrained", f"encoder.weights={cached}"], started=("pretrain",))
+    assert _check(tmp_path, ["encoder=clip_conv_pretrained"]).changed == {}
     with pytest.raises(RunBindingError, match=r"encoder\.pretrain\.steps \(600 -> 5\)"):
-        _check(tmp_path, ["encoder=clip_tiny_pretrained", "encoder.pretrain.steps=5"])
+        _check(tmp_path, ["encoder=clip_conv_pretrained", "encoder.pretrain.steps=5"])
     assert _check(tmp_path, []).changed == {}  # the embedded default pretrains the same tower
     with pytest.raises(RunBindingError, match=r"encoder\.weights"):
         _check(tmp_path, ["encoder=clip_tiny"])  # a random tower is another model
+    with pytest.raises(RunBindingError, match=r"encoder\.model"):
+        _check(tmp_path, ["encoder=clip_tiny_pretrained"])  # so is the previous default's ViT
 
 
 def test_every_path_field_of_the_schema_is_resolved():

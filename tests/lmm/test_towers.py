@@ -17,13 +17,7 @@ from safetensors.torch import load_file
 from encoders.clip import ClipEncoder, build_vision_tower
 from lmm.config_loading import load_config
 
-TINY_CLIP = [
-    "encoder=clip_tiny_pretrained",  # the default's tower is random; this fragment pretrains it
-    "encoder.image_size=32",
-    "encoder.patch_size=8",
-    "encoder.width=32",
-    "encoder.layers=2",
-    "encoder.head_width=16",
+TINY_RECIPE = [
     "encoder.pretrain.text={context_length: 24, width: 32, heads: 2, layers: 1}",
     "encoder.pretrain.embed_dim=32",
     "encoder.pretrain.batch_size=32",
@@ -31,9 +25,27 @@ TINY_CLIP = [
     "encoder.pretrain.lr=3e-3",
     "encoder.pretrain.warmup_steps=10",
 ]
+#: The tiny ViT tower (clip_tiny_pretrained's) and the tiny convolutional one (the default's, clip_conv_pretrained).
+TINY_CLIP = [
+    "encoder=clip_tiny_pretrained",
+    "encoder.image_size=32",
+    "encoder.patch_size=8",
+    "encoder.width=32",
+    "encoder.layers=2",
+    "encoder.head_width=16",
+    *TINY_RECIPE,
+]
+TINY_CONV = [
+    "encoder=clip_conv_pretrained",
+    "encoder.image_size=32",
+    "encoder.patch_size=4",
+    "encoder.width=32",
+    "encoder.conv_channels=[8, 16]",
+    *TINY_RECIPE,
+]
 
 
-def tower_config(world, cache, extra=()):
+def tower_config(world, cache, extra=(), tower=TINY_CLIP):
     return load_config(
         None,
         [
@@ -43,7 +55,7 @@ def tower_config(world, cache, extra=()):
             "towers.checkpoint_every_n_steps=10",
             "trainer.progress_bar=false",
             "trainer.accelerator=cpu",
-            *TINY_CLIP,
+            *tower,
             *extra,
         ],
     )
@@ -55,10 +67,11 @@ def _entry(cache, kind):
     return marker.parent, json.loads(marker.read_text())
 
 
-def test_contrastive_loss_falls_and_the_entry_holds_only_the_vision_tower(tiny_world, tmp_path):
+@pytest.mark.parametrize("tower", [TINY_CLIP, TINY_CONV], ids=["vit", "convnet"])
+def test_contrastive_loss_falls_and_the_entry_holds_only_the_vision_tower(tiny_world, tmp_path, tower):
     from lmm.towers import ensure_towers
 
-    config, summaries = ensure_towers(tower_config(tiny_world, tmp_path / "towers"))
+    config, summaries = ensure_towers(tower_config(tiny_world, tmp_path / "towers", tower=tower))
     assert [s["stage"] for s in summaries] == ["tower:clip"] and "skipped" not in summaries[0]
     entry, info = _entry(tmp_path / "towers", "clip")
     losses = [loss for _, loss in info["loss_history"]]
@@ -121,6 +134,13 @@ def test_the_same_tower_config_reuses_the_cache_and_a_changed_one_retrains(tiny_
     ]
     assert again.encoder.weights == first.encoder.weights
     assert all(torch.equal(v, load_file(again.encoder.weights)[k]) for k, v in weights.items())
+    # A convnet-only field does not touch a ViT's key (entries cached before convnets existed stay valid).
+    with monkeypatch.context() as patch:
+        patch.setattr(ContrastivePretraining, "training_step", no_training)
+        same, _ = ensure_towers(
+            tower_config(tiny_world, cache, ["encoder.pretrain.steps=4", "encoder.conv_channels=[4]"])
+        )
+    assert same.encoder.weights == first.encoder.weights
 
     # A different recipe (or architecture) is a different tower: a new entry, trained; the old one stays.
     changed, summaries = ensure_towers(
