@@ -202,10 +202,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out = Path("runs") / args.prefix
     from lmm.config_loading import ConfigError, load_config
 
+    from lmm.run_binding import RunBindingError, check_run_binding
+    from lmm.run_paths import resolve_config_paths
+
     try:  # every run's config is checked before the first one starts
         runs = plan_runs(args.encoders, args.seeds, args.overrides, args.prefix, args.towers)
         configs = {run.run_name: load_config(None, list(run.overrides)) for run in runs}
-    except (ConfigError, ValueError) as err:
+        for config in configs.values():
+            # A finished run is reused only if it was trained with what the ablation asks for now (the default
+            # may have changed since): the same check train.py makes before continuing a run.
+            check_run_binding(resolve_config_paths(config, Path.cwd()))
+    except (ConfigError, ValueError, RunBindingError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     start = time.perf_counter()

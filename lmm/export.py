@@ -330,13 +330,16 @@ def _stop_ids(template: Template, tokenizer: Any) -> list[int]:
 
 
 def _run_encoder_name(run: Path) -> str | None:
-    """``encoder.name`` of a run's config.yaml, read without building anything."""
+    """``encoder.name`` of a run's config.yaml (``clip/convnet`` for the convolutional CLIP tower), read without
+    building anything."""
     from omegaconf import OmegaConf
 
     path = Path(run) / "config.yaml"
     if not path.is_file():
         raise SystemExit(f"--run {run} is not a run directory (no config.yaml)")
-    return OmegaConf.load(path).get("encoder", {}).get("name")
+    encoder = OmegaConf.load(path).get("encoder", {})
+    name = encoder.get("name")
+    return f"{name}/convnet" if name == "clip" and encoder.get("model") == "convnet" else name
 
 
 def main(argv: Sequence[str] | None = None) -> int:

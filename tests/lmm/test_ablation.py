@@ -119,3 +119,22 @@ def test_a_tiny_ablation_end_to_end(tiny_world, tmp_path, capsys):
         == 0
     )
     assert "finished before" in capsys.readouterr().out
+
+
+def test_a_finished_run_trained_with_another_config_is_not_reused(tmp_path, capsys):
+    """A run of the same name that finished under an earlier default (here another ViT tower) is refused in one
+    line before anything runs, instead of its results going into the table."""
+    from lmm.config_loading import load_config
+    from lmm.run_dir import RunDir
+    from lmm.run_paths import resolve_config_paths
+
+    stale = ["encoder=clip_tiny_pretrained", "run_name=ablation-pretrained-clip-s0", "seed=0", "llm.init_seed=0"]
+    config = resolve_config_paths(load_config(None, [f"runs_dir={tmp_path}", *stale]), tmp_path)
+    run = RunDir(config.run_dir)
+    run.write_config(config)
+    run.last_checkpoint("instruct").parent.mkdir(parents=True)
+    run.last_checkpoint("instruct").write_bytes(b"")
+    (run.path / "summary.json").write_text("{}")
+    assert main(["--encoders", "clip", "--seeds", "0", f"runs_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "ablation-pretrained-clip-s0 was trained with another config" in err and "encoder.model" in err

@@ -174,6 +174,9 @@ def test_what_llava_cannot_represent_is_refused(tiny_world, tmp_path, capsys):
     assert main(["hf", "--run", str(run), "--out", str(tmp_path / "fused-out")]) == 2
     assert "encoder 'fused' has no LlavaForConditionalGeneration equivalent" in capsys.readouterr().out
     assert not (tmp_path / "fused-out").exists()
+    (run / "config.yaml").write_text(OmegaConf.to_yaml({"encoder": {"name": "clip", "model": "convnet"}}))
+    assert main(["hf", "--run", str(run), "--out", str(tmp_path / "convnet-out")]) == 2
+    assert "encoder 'clip/convnet' has no LlavaForConditionalGeneration equivalent" in capsys.readouterr().out
 
 
 def test_llava_hf_folder_loads_back_as_initial_weights(exported, tiny_run, tmp_path):
