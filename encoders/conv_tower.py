@@ -53,8 +53,8 @@ class ConvTower(nn.Module):
             raise ValueError(f"image_size {image_size} is not a multiple of the tower's stride {patch}")
         layers = _conv(3, channels[0], 1)
         widths = [*channels[1:], width]
-        for i, cout in enumerate(widths):
-            layers += _conv(layers[-3].out_channels, cout, 2)
+        for i, (cin, cout) in enumerate(zip(channels, widths, strict=True)):
+            layers += _conv(cin, cout, 2)
             if i < len(widths) - 1:
                 layers += _conv(cout, cout, 1)
         self.body = nn.Sequential(*layers)

@@ -201,7 +201,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is None:
         args.out = Path("runs") / args.prefix
     from lmm.config_loading import ConfigError, load_config
-
     from lmm.run_binding import RunBindingError, check_run_binding
     from lmm.run_paths import resolve_config_paths
 

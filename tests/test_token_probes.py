@@ -107,7 +107,7 @@ def test_tower_mode_probes_the_configured_tower_alone(probes, tiny_run, tiny_arg
     gives only its level, equal to the run's tower level on the same scenes."""
     from lmm.run_dir import load_run
 
-    model, config = probes.tower_model(tiny_args())
+    model, config = probes.tower_model(tiny_args(vit=True))  # the tiny run's tower is the tiny ViT
     features, labels = probes.object_features(model, config, n_scenes=3, batch_size=2, tower_only=True)
     assert set(features) == {"tower", probes.WINDOW_LEVEL}
     run_features, run_labels = probes.object_features(*load_run(tiny_run), n_scenes=3, batch_size=2)

@@ -128,7 +128,12 @@ def test_a_finished_run_trained_with_another_config_is_not_reused(tmp_path, caps
     from lmm.run_dir import RunDir
     from lmm.run_paths import resolve_config_paths
 
-    stale = ["encoder=clip_tiny_pretrained", "run_name=ablation-pretrained-clip-s0", "seed=0", "llm.init_seed=0"]
+    stale = [
+        "encoder=clip_tiny_pretrained",
+        "run_name=ablation-pretrained-clip-s0",
+        "seed=0",
+        "llm.init_seed=0",
+    ]
     config = resolve_config_paths(load_config(None, [f"runs_dir={tmp_path}", *stale]), tmp_path)
     run = RunDir(config.run_dir)
     run.write_config(config)
