@@ -44,24 +44,17 @@ class ClipEncoder(VisualEncoder):
                 "encoder.pretrain is set but encoder.weights is not: the in-world tower has not been trained "
                 "or found in the cache yet (train.py does it first: lmm.towers.ensure_towers)"
             )
-        if config.model == "convnet":
-            self.backend = "convnet"
-            self.tower = _build_conv_tower(config)
-            self._image_size = config.image_size
-            self._patch_size = self.tower.patch_size[0]
-            self._width = self.tower.width
-            self._mean, self._std = CLIP_MEAN, CLIP_STD
-        elif config.model == "hf":
+        if config.model == "hf":
             self.backend = "hf"
             self.tower, self._image_size, self._patch_size, self._width, self._mean, self._std = (
                 _load_hf_tower(config)
             )
-        else:
-            self.backend = "open_clip"
-            self.tower = _build_open_clip_tower(config)
+        else:  # open_clip's ViT or the convnet, which keeps open_clip's image_size and patch_size pairs
+            self.backend = "convnet" if config.model == "convnet" else "open_clip"
+            self.tower = _build_tower(config)
             self._image_size = self.tower.image_size[0]
             self._patch_size = self.tower.patch_size[0]
-            self._width = self.tower.conv1.out_channels
+            self._width = self.tower.width if self.backend == "convnet" else self.tower.conv1.out_channels
             self._mean, self._std = CLIP_MEAN, CLIP_STD
         self.freeze_pretrained()
 
@@ -110,8 +103,15 @@ class ClipEncoder(VisualEncoder):
 def build_vision_tower(config: ClipEncoderConfig) -> nn.Module:
     """The open_clip ``VisionTransformer`` (or ``ConvTower``) the encoder runs, randomly initialised from
     ``init_seed`` (``weights`` ignored): what in-world pretraining (``encoders.pretraining.contrastive``) trains."""
-    config = dataclasses.replace(config, weights=None)
-    return _build_conv_tower(config) if config.model == "convnet" else _build_open_clip_tower(config)
+    return _build_tower(dataclasses.replace(config, weights=None))
+
+
+def _build_tower(config: ClipEncoderConfig) -> nn.Module:
+    """The open_clip ViT or the convnet of ``config``, with ``config.weights`` loaded when set."""
+    tower = _build_conv_tower(config) if config.model == "convnet" else _build_open_clip_tower(config)
+    if config.weights is not None:
+        _load_visual_weights(tower, config)
+    return tower
 
 
 def _output_dim(config: ClipEncoderConfig, default: int) -> int:
@@ -123,12 +123,9 @@ def _build_conv_tower(config: ClipEncoderConfig) -> nn.Module:
     from encoders.conv_tower import ConvTower
 
     with seeded_init(config.init_seed):
-        tower = ConvTower(
+        return ConvTower(
             config.image_size, config.conv_channels, config.width, _output_dim(config, config.width)
         )
-    if config.weights is not None:
-        _load_visual_weights(tower, config)
-    return tower
 
 
 def _build_open_clip_tower(config: ClipEncoderConfig) -> nn.Module:
@@ -139,7 +136,7 @@ def _build_open_clip_tower(config: ClipEncoderConfig) -> nn.Module:
     if arch is None:
         raise ValueError(
             f"encoder.model {config.model!r} is not an open_clip architecture; "
-            f"expected one of open_clip.list_models() (e.g. ViT-L-14-336) or 'hf'"
+            f"expected one of open_clip.list_models() (e.g. ViT-L-14-336), 'hf' or 'convnet'"
         )
     vision = dict(arch["vision_cfg"])
     for key in ("image_size", "patch_size", "width", "layers", "head_width"):
@@ -152,7 +149,7 @@ def _build_open_clip_tower(config: ClipEncoderConfig) -> nn.Module:
         raise ValueError(f"encoder.select_layer {config.select_layer} is outside a {n_layers}-layer ViT")
     width = vision["width"]
     with seeded_init(config.init_seed):
-        tower = VisionTransformer(
+        return VisionTransformer(
             image_size=vision["image_size"],
             patch_size=vision["patch_size"],
             width=width,
@@ -165,9 +162,6 @@ def _build_open_clip_tower(config: ClipEncoderConfig) -> nn.Module:
             pool_type=config.pool_type,
             pos_embed_type=config.pos_embed_type,
         )
-    if config.weights is not None:
-        _load_visual_weights(tower, config)
-    return tower
 
 
 def _load_visual_weights(tower: nn.Module, config: ClipEncoderConfig) -> None:
