@@ -14,7 +14,8 @@ for every seed (random ones from their fixed ``init_seed``; pretrained ones trai
 which every run shares), so the spread is that of the LMM's training, not of the towers'. Extra
 ``key=value`` arguments go to every run. Each run keeps its own run directory
 (``runs/<prefix>-<encoder>-s<seed>``); a rerun skips runs that finished (their ``summary.json`` exists) and
-resumes the others. Results go to ``runs/<prefix>/results.json`` and ``table.md``.
+resumes the others. Results go to ``runs/<prefix>/results.json`` and ``table.md`` (the means, then one row per run
+with the torch threads it trained with: wall times compare only at equal threads).
 """
 
 from __future__ import annotations
@@ -105,7 +106,18 @@ def collect(run_dir: Path) -> dict[str, Any]:
     result["seconds"] = round(summary["seconds"] - towers, 1)
     result["tower_seconds"] = round(towers, 1)
     result["qa_per_kind"] = _qa_per_kind(run_dir)
+    result["threads"] = _threads(run_dir)
     return result
+
+
+def _threads(run_dir: Path) -> int | None:
+    """The run's ``trainer.num_threads`` (its wall time depends on it), from the config it saved."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    return OmegaConf.select(OmegaConf.load(path), "trainer.num_threads", default=None)
 
 
 def _qa_per_kind(run_dir: Path) -> dict[str, float]:
@@ -168,7 +180,28 @@ def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
             diffs.append(f"{title} {d[0]:+.3f} (s.e. {'n/a: one run' if one_run else f'{d[1]:.3f}'})")
     if diffs:
         lines += ["", "fused - clip: " + ", ".join(diffs)]
+    lines += ["", *format_runs(results)]
     return "\n".join(lines)
+
+
+def format_runs(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One markdown row per run, with the torch threads it trained with: wall times are only comparable at
+    equal thread counts (and machine load), which the means above cannot show."""
+    header = "| encoder | seed | " + " | ".join(title for _, title in METRICS) + " | threads |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 3)]
+    for encoder, rows in results.items():
+        for row in rows:
+            cells = [
+                "-" if row.get(key) is None else f"{row[key]:.{0 if key == 'seconds' else 3}f}"
+                for key, _ in METRICS
+            ]
+            threads = row.get("threads")
+            lines.append(
+                f"| {encoder} | {row['seed']} | "
+                + " | ".join(cells)
+                + f" | {'-' if threads is None else threads} |"
+            )
+    return lines
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -64,7 +64,7 @@ def test_mean_and_sample_std():
     assert mean_std([0.5]) == (0.5, 0.0)
 
 
-def _fake_run(folder, pointing, qa, seconds, tower=0.0):
+def _fake_run(folder, pointing, qa, seconds, tower=0.0, threads=2):
     (folder / "grounding").mkdir(parents=True)
     history = [{"stage": "instruct", "step": 4, "pointing": 0.0}, {"stage": "instruct", "step": 8,
                "pointing": pointing, "recall": pointing / 2, "miou": 0.5, "ap50": 0.1, "description": 0.7}]  # fmt: skip
@@ -73,19 +73,26 @@ def _fake_run(folder, pointing, qa, seconds, tower=0.0):
     (folder / "summary.json").write_text(
         json.dumps({"stages": stages, "seconds": seconds, "qa_accuracy": qa})
     )
+    (folder / "config.yaml").write_text(f"seed: 0\ntrainer:\n  num_threads: {threads}\n")
     return folder
 
 
 def test_collect_takes_the_last_evaluation_and_leaves_tower_time_out(tmp_path):
     row = collect(_fake_run(tmp_path / "r", 0.9, 0.8, 100.0, tower=30.0))
     assert row["pointing"] == 0.9 and row["recall"] == 0.45 and row["qa"] == 0.8
-    assert row["seconds"] == 70.0 and row["tower_seconds"] == 30.0
+    assert row["seconds"] == 70.0 and row["tower_seconds"] == 30.0 and row["threads"] == 2
 
 
 def test_table_and_difference(tmp_path):
     results = {
-        "clip": [collect(_fake_run(tmp_path / f"c{i}", p, 0.8, 60.0)) for i, p in enumerate([0.8, 0.9, 1.0])],
-        "fused": [collect(_fake_run(tmp_path / f"f{i}", p, 0.7, 90.0)) for i, p in enumerate([0.6, 0.7])],
+        "clip": [
+            {"seed": i, **collect(_fake_run(tmp_path / f"c{i}", p, 0.8, 60.0))}
+            for i, p in enumerate([0.8, 0.9, 1.0])
+        ],
+        "fused": [
+            {"seed": i, **collect(_fake_run(tmp_path / f"f{i}", p, 0.7, 90.0, threads=1))}
+            for i, p in enumerate([0.6, 0.7])
+        ],
     }
     d, se = difference(results, "pointing")
     assert d == pytest.approx(0.65 - 0.9)
@@ -93,6 +100,10 @@ def test_table_and_difference(tmp_path):
     table = format_table(results)
     assert "| clip | 3 | 0.900 ± 0.100 |" in table and "| fused | 2 | 0.650 ± 0.071 |" in table
     assert "pointing -0.250" in table
+    # Every run has its own row, with the threads its wall time was measured at.
+    assert "| clip | 1 | 0.900 | 0.450 | 0.500 | 0.100 | 0.800 | 0.700 | 60 | 2 |" in table
+    assert "| fused | 0 | 0.600 | 0.300 | 0.500 | 0.100 | 0.700 | 0.700 | 90 | 1 |" in table
+    assert table.count("| fused | ") == 3  # the mean row and one row per seed
 
     # One run per encoder: a mean, and no spread or standard error claimed.
     single = {"clip": results["clip"][:1], "fused": results["fused"][:1]}
