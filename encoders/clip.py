@@ -124,7 +124,11 @@ def _build_conv_tower(config: ClipEncoderConfig) -> nn.Module:
 
     with seeded_init(config.init_seed):
         return ConvTower(
-            config.image_size, config.conv_channels, config.width, _output_dim(config, config.width)
+            config.image_size,
+            config.conv_channels,
+            config.width,
+            _output_dim(config, config.width),
+            config.conv_depths,
         )
 
 

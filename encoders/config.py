@@ -120,6 +120,9 @@ class ClipEncoderConfig:
     #: ``convnet`` only: the stem's width, then each stride-2 stage's before the last (which has ``width``); the
     #: tower's stride, ``patch_size``, is 2 to the number of entries.
     conv_channels: tuple[int, ...] = (16, 32, 64)
+    #: ``convnet`` only: how many stride-1 3x3 convs follow each stage's stride-2 conv, one count per entry of
+    #: ``conv_channels``; None = one in every stage but the last (receptive field 29 px with three stages).
+    conv_depths: tuple[int, ...] | None = None
     init_seed: int = 0
     #: Pretrain the tower in-world (contrastively, cached) instead of loading ``weights`` or keeping a random
     #: one. ``train.py`` fills ``weights`` with the cached file, so the run's config.yaml names it.
@@ -135,6 +138,8 @@ class ClipEncoderConfig:
             raise ValueError("pos_embed_type applies to open_clip architectures (model), not 'hf'")
         if self.model == "convnet":
             self._check_convnet()
+        elif self.conv_depths is not None:
+            raise ValueError(f"conv_depths applies to model 'convnet', not {self.model!r}")
         if self.image_size is not None and self.patch_size is not None and self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
@@ -155,6 +160,13 @@ class ClipEncoderConfig:
             )
         if not self.conv_channels or min(self.conv_channels) <= 0:
             raise ValueError(f"conv_channels must be positive widths, got {list(self.conv_channels)}")
+        if self.conv_depths is not None and (
+            len(self.conv_depths) != len(self.conv_channels) or min(self.conv_depths) < 0
+        ):
+            raise ValueError(
+                f"conv_depths {list(self.conv_depths)}: one count >= 0 per entry of conv_channels "
+                f"({len(self.conv_channels)})"
+            )
         stride = 2 ** len(self.conv_channels)
         if self.patch_size is not None and self.patch_size != stride:
             raise ValueError(

@@ -11,8 +11,8 @@ position (LayerNorm over channels, so no statistics cross positions), and the co
 the projected mean of the tokens: what a caption names can only come from the tokens that see the object.
 
 Layout: a stride-1 3x3 stem conv to ``channels[0]``, then one stage per following width and a last one to
-``width``; each stage a stride-2 3x3 conv, and all but the last one more stride-1 3x3 conv (the last stops
-there to keep the receptive field local). Every conv is followed by the per-position LayerNorm and GELU.
+``width``; each stage a stride-2 3x3 conv followed by ``depths[i]`` stride-1 3x3 convs (by default one in
+every stage but the last, which stops there to keep the receptive field local). Every conv is followed by the per-position LayerNorm and GELU.
 The LMM's tokens are the last stage's ``(image_size / patch_size)^2`` cells, plus open_clip's fixed 2-D
 sine-cosine position embedding (the pooled embedding does not see it: a mean over positions is a constant).
 """
@@ -40,22 +40,39 @@ def _conv(cin: int, cout: int, stride: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride, 1), ChannelNorm(cout), nn.GELU()]
 
 
+def default_depths(stages: int) -> tuple[int, ...]:
+    """One stride-1 conv after every stage's stride-2 conv but the last's."""
+    return (1,) * (stages - 1) + (0,)
+
+
 class ConvTower(nn.Module):
     """Images ``(B, 3, S, S)`` -> tokens ``(B, (S / patch)^2, width)`` (``forward_tokens``) or the contrastive
     embedding ``(B, output_dim)`` (``forward``)."""
 
-    def __init__(self, image_size: int, channels: Sequence[int], width: int, output_dim: int) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        channels: Sequence[int],
+        width: int,
+        output_dim: int,
+        depths: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         if not channels:
             raise ValueError("a convnet tower needs at least one channel width before its last stage")
         patch = 2 ** len(channels)
         if image_size % patch:
             raise ValueError(f"image_size {image_size} is not a multiple of the tower's stride {patch}")
+        depths = default_depths(len(channels)) if depths is None else tuple(depths)
+        if len(depths) != len(channels) or min(depths) < 0:
+            raise ValueError(
+                f"depths {list(depths)}: one count >= 0 of stride-1 convs per stage ({len(channels)} stages)"
+            )
         layers = _conv(3, channels[0], 1)
         widths = [*channels[1:], width]
-        for i, (cin, cout) in enumerate(zip(channels, widths, strict=True)):
+        for cin, cout, depth in zip(channels, widths, depths, strict=True):
             layers += _conv(cin, cout, 2)
-            if i < len(widths) - 1:
+            for _ in range(depth):
                 layers += _conv(cout, cout, 1)
         self.body = nn.Sequential(*layers)
         self.image_size = (image_size, image_size)  # open_clip's attribute names and forms

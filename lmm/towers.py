@@ -78,6 +78,8 @@ class _TowerStages:
             architecture.pop(irrelevant)
         if clip.model != "convnet":  # a ViT's key stays what it was before convnets existed
             architecture.pop("conv_channels")
+        if clip.conv_depths is None:  # nor does a convnet's of the default layout, named before depths were
+            architecture.pop("conv_depths")
         return tower_key(
             {"kind": "clip", "architecture": architecture, "recipe": dataclasses.asdict(clip.pretrain),
              "data": self.fingerprint}

@@ -47,6 +47,26 @@ def test_each_token_depends_on_exactly_its_receptive_field_and_nothing_beyond():
     assert torch.equal(a[0, 0], b[0, 0]) and not torch.equal(a[0, 63], b[0, 63])
 
 
+def test_conv_depths_set_the_stride_1_convs_per_stage_and_the_receptive_field():
+    # 48 px, stride 4, one stride-1 conv in both stages (the last too): 3 -> 5 -> 9 -> 13 -> 21 px by hand.
+    config = ClipEncoderConfig(
+        **{**TINY, "image_size": 48, "conv_channels": (16, 32), "conv_depths": (1, 1), "width": 64}
+    )
+    tower = build_vision_tower(config)
+    convs = [m for m in tower.body if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [1, 2, 1, 2, 1] and tower.receptive_field == 21
+    support = _influence(tower, 6, 6, 48)
+    rows, cols = support.any(1).nonzero().flatten(), support.any(0).nonzero().flatten()
+    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (21, 21)
+    assert tower.forward_tokens(torch.zeros(1, 3, 48, 48)).shape == (1, 144, 64)
+    # None is the default layout (one stride-1 conv in every stage but the last), spelled out or not.
+    default = build_vision_tower(ClipEncoderConfig(**TINY))
+    explicit = build_vision_tower(ClipEncoderConfig(**{**TINY, "conv_depths": (1, 0)}))
+    assert [type(m) for m in default.body] == [type(m) for m in explicit.body]
+    pairs = zip(default.state_dict().items(), explicit.state_dict().items(), strict=True)
+    assert all(ka == kb and torch.equal(a, b) for (ka, a), (kb, b) in pairs)
+
+
 def test_the_embedding_is_the_projected_mean_token_and_the_lmm_tokens_add_fixed_positions():
     encoder = build_encoder(ClipEncoderConfig(**TINY, init_seed=3))
     tower = encoder.tower
@@ -89,8 +109,15 @@ def test_a_weight_file_loads_exactly_and_one_of_another_shape_is_named(tmp_path)
         ({"conv_channels": ()}, "conv_channels must be positive"),
         ({"pool_type": "tok"}, "no CLS token"),
         ({"pos_embed_type": "learnable"}, "pos_embed_type: sin_cos_2d"),
+        ({"conv_depths": (1,)}, r"conv_depths \[1\]: one count >= 0 per entry of conv_channels \(2\)"),
+        ({"conv_depths": (1, -1)}, "conv_depths"),
     ],
 )
 def test_config_errors_name_the_field(change, message):
     with pytest.raises(ValueError, match=message):
         ClipEncoderConfig(**{**TINY, **change})
+
+
+def test_conv_depths_belong_to_the_convnet():
+    with pytest.raises(ValueError, match="conv_depths applies to model 'convnet', not 'ViT-B-32'"):
+        ClipEncoderConfig(model="ViT-B-32", conv_depths=(1, 1, 0))
