@@ -220,7 +220,7 @@ BAD_VALUES = [
         "stages.pretrain.global_batch_size 16 is not a multiple of micro_batch_size x devices x nodes",
     ),
     ("grounding.batch_size=0", "grounding.batch_size must be >= 1, got 0"),
-    ("grounding.layers=[99]", "grounding.layers [99] are outside the LLM's 4 layers"),
+    ("grounding.layers=[99]", "grounding.layers [99] are outside the LLM's 3 layers"),
 ]
 
 
