@@ -91,6 +91,11 @@ class ClipPretrainConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
+def default_conv_depths(stages: int) -> tuple[int, ...]:
+    """The convnet tower's default layout: one stride-1 conv after every stage's stride-2 conv but the last's."""
+    return (1,) * (stages - 1) + (0,)
+
+
 @dataclasses.dataclass
 class ClipEncoderConfig:
     """Schema of ``encoder:`` when ``name: clip``. Size fields left at None keep the named architecture's."""

@@ -12,7 +12,8 @@ the projected mean of the tokens: what a caption names can only come from the to
 
 Layout: a stride-1 3x3 stem conv to ``channels[0]``, then one stage per following width and a last one to
 ``width``; each stage a stride-2 3x3 conv followed by ``depths[i]`` stride-1 3x3 convs (by default one in
-every stage but the last, which stops there to keep the receptive field local). Every conv is followed by the per-position LayerNorm and GELU.
+every stage but the last, which stops there to keep the receptive field local). Every conv is followed by the
+per-position LayerNorm and GELU.
 The LMM's tokens are the last stage's ``(image_size / patch_size)^2`` cells, plus open_clip's fixed 2-D
 sine-cosine position embedding (the pooled embedding does not see it: a mean over positions is a constant).
 """
@@ -23,6 +24,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from encoders.config import default_conv_depths
 
 
 class ChannelNorm(nn.Module):
@@ -38,11 +41,6 @@ class ChannelNorm(nn.Module):
 
 def _conv(cin: int, cout: int, stride: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride, 1), ChannelNorm(cout), nn.GELU()]
-
-
-def default_depths(stages: int) -> tuple[int, ...]:
-    """One stride-1 conv after every stage's stride-2 conv but the last's."""
-    return (1,) * (stages - 1) + (0,)
 
 
 class ConvTower(nn.Module):
@@ -63,7 +61,7 @@ class ConvTower(nn.Module):
         patch = 2 ** len(channels)
         if image_size % patch:
             raise ValueError(f"image_size {image_size} is not a multiple of the tower's stride {patch}")
-        depths = default_depths(len(channels)) if depths is None else tuple(depths)
+        depths = default_conv_depths(len(channels)) if depths is None else tuple(depths)
         if len(depths) != len(channels) or min(depths) < 0:
             raise ValueError(
                 f"depths {list(depths)}: one count >= 0 of stride-1 convs per stage ({len(channels)} stages)"

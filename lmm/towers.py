@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from encoders.config import ClipEncoderConfig, DiffusionEncoderConfig
+from encoders.config import ClipEncoderConfig, DiffusionEncoderConfig, default_conv_depths
 from lmm.config import TrainConfig
 from lmm.tower_cache import TowerCache, data_fingerprint, tower_key
 
@@ -78,8 +78,12 @@ class _TowerStages:
             architecture.pop(irrelevant)
         if clip.model != "convnet":  # a ViT's key stays what it was before convnets existed
             architecture.pop("conv_channels")
-        if clip.conv_depths is None:  # nor does a convnet's of the default layout, named before depths were
-            architecture.pop("conv_depths")
+        if clip.conv_depths is None or tuple(clip.conv_depths) == default_conv_depths(
+            len(clip.conv_channels)
+        ):
+            architecture.pop(
+                "conv_depths"
+            )  # the default layout, spelled out or not, keeps its key from before
         return tower_key(
             {"kind": "clip", "architecture": architecture, "recipe": dataclasses.asdict(clip.pretrain),
              "data": self.fingerprint}

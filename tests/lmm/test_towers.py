@@ -180,6 +180,18 @@ TINY_FUSED = [
 ]
 
 
+def test_a_convnet_layout_keys_its_tower_and_the_default_layout_spelled_out_does_not(tiny_world, tmp_path):
+    from lmm.towers import _TowerStages
+
+    def key(*extra):
+        config = tower_config(tiny_world, tmp_path / "towers", extra, tower=TINY_CONV)
+        return _TowerStages(config).clip_key(config.encoder)
+
+    # TINY_CONV has two stages: the default layout is one stride-1 conv after the first, none after the last.
+    assert key() == key("encoder.conv_depths=[1, 0]")
+    assert len({key(), key("encoder.conv_depths=[0, 0]"), key("encoder.conv_depths=[1, 1]")}) == 3
+
+
 def test_the_diffusion_towers_load_from_the_cache_into_the_fused_encoder(tiny_world, tmp_path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
