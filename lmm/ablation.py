@@ -92,9 +92,12 @@ def plan_runs(
 
 def collect(run_dir: Path) -> dict[str, Any]:
     """A finished run's results: the last grounding evaluation, QA accuracy, and the run's wall time (towers
-    it trained itself excluded: they are the cache's, shared by all runs)."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    history = json.loads((run_dir / "grounding" / "metrics.json").read_text())
+    it trained itself excluded: they are the cache's, shared by all runs) with the torch threads it ran at."""
+    from lmm.run_dir import RunDir
+
+    run = RunDir(run_dir)
+    summary = json.loads(run.summary_file.read_text())
+    history = json.loads((run.grounding_dir / "metrics.json").read_text())
     if not history:
         raise ValueError(f"{run_dir}: the grounding history is empty")
     last = history[-1]
@@ -105,24 +108,12 @@ def collect(run_dir: Path) -> dict[str, Any]:
     result["qa"] = summary.get("qa_accuracy")
     result["seconds"] = round(summary["seconds"] - towers, 1)
     result["tower_seconds"] = round(towers, 1)
-    result["qa_per_kind"] = _qa_per_kind(run_dir)
-    result["threads"] = _threads(run_dir)
+    result["qa_per_kind"] = (
+        json.loads(run.qa_file.read_text()).get("per_kind", {}) if run.qa_file.is_file() else {}
+    )
+    # The run's own threads, not the ablation's: the binding check that let it be reused ignores them.
+    result["threads"] = run.read_config().trainer.num_threads
     return result
-
-
-def _threads(run_dir: Path) -> int | None:
-    """The run's ``trainer.num_threads`` (its wall time depends on it), from the config it saved."""
-    from omegaconf import OmegaConf
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return None
-    return OmegaConf.select(OmegaConf.load(path), "trainer.num_threads", default=None)
-
-
-def _qa_per_kind(run_dir: Path) -> dict[str, float]:
-    path = run_dir / "qa_eval.json"
-    return json.loads(path.read_text()).get("per_kind", {}) if path.is_file() else {}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -167,7 +158,7 @@ def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
                 cells.append("-")
                 continue
             mean, std = stats[encoder][key]
-            digits = 0 if key == "seconds" else 3
+            digits = _digits(key)
             # One run has no spread to show: a 0 would read as "no variation", so say there is none to measure.
             spread = f"{std:.{digits}f}" if len(rows) > 1 else "n/a"
             cells.append(f"{mean:.{digits}f} ± {spread}")
@@ -191,17 +182,13 @@ def format_runs(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = [header, "|" + "---|" * (len(METRICS) + 3)]
     for encoder, rows in results.items():
         for row in rows:
-            cells = [
-                "-" if row.get(key) is None else f"{row[key]:.{0 if key == 'seconds' else 3}f}"
-                for key, _ in METRICS
-            ]
-            threads = row.get("threads")
-            lines.append(
-                f"| {encoder} | {row['seed']} | "
-                + " | ".join(cells)
-                + f" | {'-' if threads is None else threads} |"
-            )
+            cells = ["-" if row.get(key) is None else f"{row[key]:.{_digits(key)}f}" for key, _ in METRICS]
+            lines.append(f"| {encoder} | {row['seed']} | " + " | ".join(cells) + f" | {row['threads']} |")
     return lines
+
+
+def _digits(key: str) -> int:
+    return 0 if key == "seconds" else 3
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

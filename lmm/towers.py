@@ -78,12 +78,9 @@ class _TowerStages:
             architecture.pop(irrelevant)
         if clip.model != "convnet":  # a ViT's key stays what it was before convnets existed
             architecture.pop("conv_channels")
-        if clip.conv_depths is None or tuple(clip.conv_depths) == default_conv_depths(
-            len(clip.conv_channels)
-        ):
-            architecture.pop(
-                "conv_depths"
-            )  # the default layout, spelled out or not, keeps its key from before
+        depths = clip.conv_depths
+        if depths is None or tuple(depths) == default_conv_depths(len(clip.conv_channels)):
+            architecture.pop("conv_depths")  # the default layout, spelled out or not, keeps its earlier key
         return tower_key(
             {"kind": "clip", "architecture": architecture, "recipe": dataclasses.asdict(clip.pretrain),
              "data": self.fingerprint}

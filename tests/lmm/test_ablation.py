@@ -73,7 +73,13 @@ def _fake_run(folder, pointing, qa, seconds, tower=0.0, threads=2):
     (folder / "summary.json").write_text(
         json.dumps({"stages": stages, "seconds": seconds, "qa_accuracy": qa})
     )
-    (folder / "config.yaml").write_text(f"seed: 0\ntrainer:\n  num_threads: {threads}\n")
+    from lmm.config_loading import load_config
+    from lmm.run_dir import RunDir
+    from lmm.run_paths import resolve_config_paths
+
+    RunDir(folder).write_config(
+        resolve_config_paths(load_config(None, [f"trainer.num_threads={threads}"]), folder.parent)
+    )
     return folder
 
 
