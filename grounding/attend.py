@@ -6,7 +6,8 @@ grid they form on which part of the image, is each sample's ``grounding.layout.I
 different sizes in one batch each have their own). Per image: the response is trimmed at EOS, its maps are
 normalised (the response's mean map subtracted), grouped by noun phrase (max over the tokens of each chunk's
 root word), put on the image by the layout's inverse geometry (bicubic, then the pad-aware crop or a plain
-resize), and each phrase's peak becomes the point prompt of a refiner (SAM, or a threshold of the map
+resize), and each phrase's peak (anywhere, or with ``peak: centres`` between the outermost cell centres)
+becomes the point prompt of a refiner (SAM, or a threshold of the map
 itself) that returns its mask. Results can be written in GLaMM's GCG prediction format.
 """
 
@@ -187,7 +188,8 @@ class AttendAndSegment:
         if self.config.remove_corner:
             stacked = remove_corner(stacked)
         upsampled = [view.render(m) for m in stacked]
-        points = [argmax_point(u) for u in upsampled]
+        within = view.centre_span() if self.config.peak == "centres" else None
+        points = [argmax_point(u, within) for u in upsampled]
         pixels = np.asarray(image.convert("RGB"))
         if isinstance(self.refiner, PromptedSam):  # SAM's scores, and all three masks with more_masks
             prompts = points if self.refiner.mode == "point" else None

@@ -19,6 +19,7 @@ Combine = Literal["max", "mean"]
 RefinerName = Literal["threshold", "sam"]
 SamType = Literal["vit_h", "vit_l", "vit_b"]
 SamMode = Literal["point", "mask"]
+Peak = Literal["image", "centres"]
 REFINERS: tuple[str, ...] = get_args(RefinerName)
 
 
@@ -89,6 +90,14 @@ class AttendConfig:
     register_tokens: int = dataclasses.field(
         default=0,
         metadata=_help("tokens at the start of each image block that are registers, not grid cells: skipped"),
+    )
+    peak: Peak = dataclasses.field(
+        default="image",
+        metadata=_help(
+            "where a phrase's point is its upsampled map's argmax: image = anywhere (the reference), centres = "
+            "between the outermost cell centres (past them bicubic upsampling overshoots a border cell's value "
+            "and moves its peak onto the image's edge pixel)"
+        ),
     )
 
     def __post_init__(self) -> None:

@@ -21,6 +21,7 @@ to ``H x W``) are the two cases LLaVA-1.5 and the other models need.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -138,12 +139,37 @@ class GridView:
         cols = (torch.arange(width) - left).clamp(0, box.shape[1] - 1)
         return box[rows][:, cols]
 
+    def centre_span(self) -> tuple[slice, slice]:
+        """``(rows, cols)``: the image pixels whose centres lie between the grid's first and last cell centres.
+
+        Inside that span :meth:`render` interpolates between cells; outside it (half a cell along each edge
+        of a box that ends at the image's edge) bicubic upsampling extrapolates, and a border cell's value
+        overshoots towards the edge, so a peak there moves onto the edge pixel itself. An axis whose span is
+        empty (a one-cell axis, a cell smaller than a pixel) keeps the pixel nearest the cell centres.
+        """
+        left, top, right, bottom = self.box
+        height, width = self.image_size
+        h, w = self.grid
+        return (
+            _centre_span(top, (bottom - top) / h, h, height),
+            _centre_span(left, (right - left) / w, w, width),
+        )
+
     def cell_region(self, row: int, col: int) -> tuple[float, float, float, float]:
         """The image region ``(left, top, right, bottom)`` of grid cell ``(row, col)`` (for checks and overlays)."""
         left, top, right, bottom = self.box
         h, w = self.grid
         cw, ch = (right - left) / w, (bottom - top) / h
         return (left + col * cw, top + row * ch, left + (col + 1) * cw, top + (row + 1) * ch)
+
+
+def _centre_span(start: float, cell: float, cells: int, pixels: int) -> slice:
+    """Pixels ``i`` of one axis with ``start + cell / 2 <= i + 0.5 <= start + (cells - 0.5) * cell``."""
+    first, last = start + cell / 2, start + (cells - 0.5) * cell
+    lo, hi = max(math.ceil(first - 0.5), 0), min(math.floor(last - 0.5), pixels - 1)
+    if lo > hi:
+        lo = hi = min(max(math.floor((first + last) / 2), 0), pixels - 1)
+    return slice(lo, hi + 1)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

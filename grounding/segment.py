@@ -99,11 +99,19 @@ def upsample_map(attn: torch.Tensor, image_size: tuple[int, int], aspect: Aspect
     raise ValueError(f"aspect must be 'pad', 'crop' or 'resize', got {aspect!r}")
 
 
-def argmax_point(upsampled: torch.Tensor) -> tuple[int, int]:
-    """The ``(x, y)`` pixel of the maximum of an ``(H, W)`` map (first one in row-major order on ties)."""
-    flat = int(torch.argmax(upsampled))
-    width = upsampled.shape[1]
-    return flat % width, flat // width
+def argmax_point(upsampled: torch.Tensor, within: tuple[slice, slice] | None = None) -> tuple[int, int]:
+    """The ``(x, y)`` pixel of the maximum of an ``(H, W)`` map (first one in row-major order on ties).
+
+    ``within``: ``(rows, cols)`` slices to search instead of the whole map (``GridView.centre_span``).
+    """
+    rows, cols = within if within is not None else (slice(None), slice(None))
+    region = upsampled[rows, cols]
+    if region.numel() == 0:
+        raise ValueError(f"within {within} selects no pixel of a {tuple(upsampled.shape)} map")
+    flat = int(torch.argmax(region))
+    width = region.shape[1]
+    top, left = rows.indices(upsampled.shape[0])[0], cols.indices(upsampled.shape[1])[0]
+    return left + flat % width, top + flat // width
 
 
 class Refiner(Protocol):

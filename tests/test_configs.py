@@ -340,3 +340,16 @@ def test_preflight_checks_the_in_world_towers_data_and_its_distinct_captions(tin
         "towers.data = '/nonexistent/objects': /nonexistent/objects/index.json does not"
     )
     assert problems(*missing, "encoder.pretrain=null") == [], "no tower stage, no tower data"
+
+
+def test_the_ablation_encoders_share_the_default_clip_tower(tiny_world):
+    # lmm.ablation compares clip_conv_pretrained with fused_tiny_pretrained on one CLIP tower: the default's.
+    # Each file spells the tower out, so a layout changed in one and not the others would train another tower.
+    from lmm.towers import _TowerStages
+
+    root = [f"data.root={tiny_world}", "data.shapes=null"]
+    default = load_config(None, root)
+    stages = _TowerStages(default)
+    key = stages.clip_key(default.encoder)
+    assert stages.clip_key(load_config(None, [*root, "encoder=clip_conv_pretrained"]).encoder) == key
+    assert stages.clip_key(load_config(None, [*root, "encoder=fused_tiny_pretrained"]).encoder.clip) == key

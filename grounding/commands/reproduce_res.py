@@ -64,8 +64,10 @@ def expression_point(
     view: Any,
     mode: str,
     first_tokens: int,
+    peak: str = "image",
 ) -> tuple[tuple[int, int] | None, Any]:
-    """The point of one response and the ``(H, W)`` map it is the argmax of (None, None without one)."""
+    """The point of one response and the ``(H, W)`` map it is the argmax of (None, None without one);
+    ``peak`` as ``AttendConfig.peak``."""
     import torch
 
     from grounding.res_grounding import row_after_word
@@ -75,14 +77,15 @@ def expression_point(
     if n_rows == 0:
         return None, None
     normalised = normalize_response_maps(view.to_grid(rows[:n_rows]), n_rows)
+    within = view.centre_span() if peak == "centres" else None
     if mode == "first_tokens":
         upsampled = torch.stack([view.render(m) for m in normalised[:first_tokens]]).amax(dim=0)
-        return argmax_point(upsampled), upsampled
+        return argmax_point(upsampled, within), upsampled
     index = row_after_word([tokenizer.decode([t]) for t in ids[:n_rows]], "is")
     if index is None:
         return None, None
     upsampled = view.render(normalised[index])
-    return argmax_point(upsampled), upsampled
+    return argmax_point(upsampled, within), upsampled
 
 
 def ground_expressions(
@@ -109,7 +112,14 @@ def ground_expressions(
     out = []
     for e, image, maps in zip(expressions, images, pipeline.generate_maps(images, prompts), strict=True):
         point, upsampled = expression_point(
-            model.tokenizer, model.stop_token_ids, maps.ids, maps.rows, maps.view, mode, first_tokens
+            model.tokenizer,
+            model.stop_token_ids,
+            maps.ids,
+            maps.rows,
+            maps.view,
+            mode,
+            first_tokens,
+            pipeline.config.peak,
         )
         chosen = None
         if point is None:

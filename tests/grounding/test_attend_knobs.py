@@ -55,6 +55,20 @@ def test_remove_corner_moves_the_point_off_a_corner_sink():
     assert [len(s) for s in scored] == [1, 1] and scored[0][0].score == 1.0  # no SAM: one mask, score 1
 
 
+def test_peak_centres_keeps_a_border_cell_peak_off_the_image_edge():
+    # 8 x 8 cells of 12 px on a 96 x 96 image; the phrase's peak is the top-row cell (0, 3), centred at x = 42,
+    # y = 6. Bicubic overshoot moves the whole map's argmax onto row 1, past the cell centre towards the edge.
+    grid = torch.zeros(8, 8)
+    grid[0, 3] = 1.0
+    view = single_block_layout(range(64), (8, 8), (96, 96), "pad").view()
+    image = Image.new("RGB", (96, 96))
+    (x, y), *_ = _pipeline(ThresholdRefiner()).segment(image, [grid], view)[0]
+    assert y < 6 and 36 <= x < 48
+    points, _, scored = _pipeline(ThresholdRefiner(), peak="centres").segment(image, [grid], view)
+    assert points == [(41, 6)]  # the first pixel row past the centre; x = 41, 42 tie around 42
+    assert scored[0][0].mask[6, 41]  # the refiner's component is the one around the new point
+
+
 class _Recorder(SamPredictor):
     """A real (tiny) SAM predictor that records what ``predict_torch`` is given."""
 
@@ -159,3 +173,15 @@ def test_register_tokens_are_skipped_at_the_start_of_each_image_block():
     pipeline = _pipeline(ThresholdRefiner(), register_tokens=3)
     (view,) = pipeline.views([layout], [Image.new("RGB", (8, 8))])
     assert sorted(view.positions.tolist()) == [13, 14, 15, 16, 26, 27, 28, 29]
+
+
+def test_reproduce_res_points_follow_peak():
+    from grounding.commands.reproduce_res import expression_point
+
+    rows = torch.zeros(3, 64)  # two response tokens and the stop step, on an 8 x 8 grid of a 96 x 96 image
+    rows[0, 3] = 1.0  # the first token's attention on the top-row cell (0, 3)
+    view = single_block_layout(range(64), (8, 8), (96, 96), "pad").view()
+    args = (None, [2], [5, 6, 2], rows, view, "first_tokens", 1)
+    (x, y), _ = expression_point(*args)
+    assert y < 6 and 36 <= x < 48
+    assert expression_point(*args, peak="centres")[0] == (41, 6)

@@ -137,3 +137,25 @@ def test_overlay_draws_maps_through_the_view():
     assert not np.array_equal(
         np.asarray(draw_overlay(*args, aspect="pad")), np.asarray(draw_overlay(*args, view=whole))
     )
+
+
+def test_centre_span_is_where_render_interpolates():
+    # 96 x 96, 8 x 8 cells of 12 px: cell centres at 6, 18, ..., 90; pixel i's centre is i + 0.5.
+    view = single_block_layout(range(64), (8, 8), (96, 96), "pad").view()
+    assert view.centre_span() == (slice(6, 90), slice(6, 90))
+    # Padded to the 128 square: the rows' outer centres (-8, 104) lie off the image, so every row is inside.
+    wide = single_block_layout(range(64), (8, 8), (96, 128), "pad").view()
+    assert wide.centre_span() == (slice(0, 96), slice(8, 120))
+    # A one-cell axis keeps the pixel at its centre.
+    assert single_block_layout(range(1), (1, 1), (10, 10), "resize").view().centre_span() == (
+        slice(5, 6),
+        slice(5, 6),
+    )
+    # A hot border cell: outside the span bicubic overshoots the cell's value (towards the edge); inside it
+    # never exceeds it.
+    grid_map = torch.zeros(8, 8)
+    grid_map[0, 3] = 1.0
+    rendered = view.render(grid_map)
+    rows, cols = view.centre_span()
+    assert rendered.max() > 1.05 and int(rendered.argmax()) // 96 < 6
+    assert rendered[rows, cols].max() <= 1.0 + 1e-6
