@@ -41,6 +41,7 @@ TINY_CONV = [
     "encoder.patch_size=4",
     "encoder.width=32",
     "encoder.conv_channels=[8, 16]",
+    "encoder.conv_depths=null",  # the library's layout for two stages, not the 3-stage default's [1, 0, 0]
     *TINY_RECIPE,
 ]
 
