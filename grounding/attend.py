@@ -188,7 +188,7 @@ class AttendAndSegment:
         if self.config.remove_corner:
             stacked = remove_corner(stacked)
         upsampled = [view.render(m) for m in stacked]
-        within = view.centre_span() if self.config.peak == "centres" else None
+        within = view.peak_region(self.config.peak)
         points = [argmax_point(u, within) for u in upsampled]
         pixels = np.asarray(image.convert("RGB"))
         if isinstance(self.refiner, PromptedSam):  # SAM's scores, and all three masks with more_masks

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from grounding.config import Peak
+
 __all__ = ["Block", "Box", "GridView", "ImageLayout", "full_box", "pad_box", "single_block_layout"]
 
 #: ``(left, top, right, bottom)`` in the original image's pixels; may reach beyond the image (padding).
@@ -154,6 +156,15 @@ class GridView:
             _centre_span(top, (bottom - top) / h, h, height),
             _centre_span(left, (right - left) / w, w, width),
         )
+
+    def peak_region(self, peak: Peak) -> tuple[slice, slice] | None:
+        """Where a phrase's point is searched (``AttendConfig.peak``): None for ``image`` (the whole map, as the
+        reference), :meth:`centre_span` for ``centres``; for ``segment.argmax_point(..., within=)``."""
+        if peak == "image":
+            return None
+        if peak == "centres":
+            return self.centre_span()
+        raise ValueError(f"peak must be 'image' or 'centres', got {peak!r}")
 
     def cell_region(self, row: int, col: int) -> tuple[float, float, float, float]:
         """The image region ``(left, top, right, bottom)`` of grid cell ``(row, col)`` (for checks and overlays)."""

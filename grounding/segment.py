@@ -102,7 +102,7 @@ def upsample_map(attn: torch.Tensor, image_size: tuple[int, int], aspect: Aspect
 def argmax_point(upsampled: torch.Tensor, within: tuple[slice, slice] | None = None) -> tuple[int, int]:
     """The ``(x, y)`` pixel of the maximum of an ``(H, W)`` map (first one in row-major order on ties).
 
-    ``within``: ``(rows, cols)`` slices to search instead of the whole map (``GridView.centre_span``).
+    ``within``: ``(rows, cols)`` slices to search instead of the whole map (``GridView.peak_region``).
     """
     rows, cols = within if within is not None else (slice(None), slice(None))
     region = upsampled[rows, cols]

@@ -112,7 +112,7 @@ def ground_narratives(
         else:
             if settings.remove_corner:
                 grids = remove_corner(grids)
-            within = view.centre_span() if settings.peak == "centres" else None
+            within = view.peak_region(settings.peak)
             points = [argmax_point(view.render(g), within) for g in grids]
             id_map = read_panoptic_ids(panoptic_prediction_path(panoptic_pred, narrative.file_name))
             if id_map.shape != (image.height, image.width):

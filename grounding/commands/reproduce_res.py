@@ -38,7 +38,7 @@ from grounding.commands.reproduce_common import (
     write_report,
 )
 from grounding.commands.sharded import add_parallel_arguments, write_json_atomic
-from grounding.config import AttendConfig
+from grounding.config import AttendConfig, Peak
 from grounding.refcoco_data import REFER_DATASETS, Proposals, ReferringExpression
 from grounding.res_grounding import POINT_MODES
 
@@ -64,7 +64,7 @@ def expression_point(
     view: Any,
     mode: str,
     first_tokens: int,
-    peak: str = "image",
+    peak: Peak = "image",
 ) -> tuple[tuple[int, int] | None, Any]:
     """The point of one response and the ``(H, W)`` map it is the argmax of (None, None without one);
     ``peak`` as ``AttendConfig.peak``."""
@@ -77,7 +77,7 @@ def expression_point(
     if n_rows == 0:
         return None, None
     normalised = normalize_response_maps(view.to_grid(rows[:n_rows]), n_rows)
-    within = view.centre_span() if peak == "centres" else None
+    within = view.peak_region(peak)
     if mode == "first_tokens":
         upsampled = torch.stack([view.render(m) for m in normalised[:first_tokens]]).amax(dim=0)
         return argmax_point(upsampled, within), upsampled

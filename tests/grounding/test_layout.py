@@ -159,3 +159,6 @@ def test_centre_span_is_where_render_interpolates():
     rows, cols = view.centre_span()
     assert rendered.max() > 1.05 and int(rendered.argmax()) // 96 < 6
     assert rendered[rows, cols].max() <= 1.0 + 1e-6
+    assert view.peak_region("centres") == (rows, cols) and view.peak_region("image") is None
+    with pytest.raises(ValueError, match="peak must be"):
+        view.peak_region("edge")
