@@ -62,8 +62,15 @@ class LLMConfig:
     intermediate_size: int = 512
     max_position_embeddings: int = 512
     init_seed: int = 0
+    #: Dropout on the attention probabilities while training (transformers' ``attention_dropout``); None keeps
+    #: a loaded model's own setting (0.0 for Vicuna and for the tiny random Llama).
+    attention_dropout: float | None = None
 
     def __post_init__(self) -> None:
+        _check(
+            self.attention_dropout is None or 0.0 <= self.attention_dropout < 1.0,
+            f"attention_dropout must be in [0, 1), got {self.attention_dropout}",
+        )
         _positive(
             self,
             "hidden_size",

@@ -61,8 +61,11 @@ class LLMBackbone(L.LightningModule):
                 raise FileNotFoundError(
                     f"llm.path {config.path} is not a Hugging Face model folder (no config.json)"
                 )
+            overrides = (
+                {} if config.attention_dropout is None else {"attention_dropout": config.attention_dropout}
+            )
             self.model = AutoModelForCausalLM.from_pretrained(
-                config.path, attn_implementation=config.attn_implementation, dtype=torch.float32
+                config.path, attn_implementation=config.attn_implementation, dtype=torch.float32, **overrides
             )
         else:
             llama = LlamaConfig(
@@ -76,6 +79,7 @@ class LLMBackbone(L.LightningModule):
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
+                attention_dropout=config.attention_dropout or 0.0,
             )
             llama._attn_implementation = config.attn_implementation
             with seeded_init(config.init_seed):
