@@ -5,6 +5,11 @@ attend-and-segment, GLaMM's GCG metrics, phrase pointing accuracy) once per laye
 decoder layers (the reference), then each layer alone, or the comma-separated sets given with ``--sets``.
 The validation set, phrase-similarity encoder and refiner are loaded once. Prints one table and writes
 ``--out`` (JSON, one record per setting).
+
+The attend-and-segment options (``--peak``, ``--phrase-tokens``, ``--combine``, ...) change the run's settings
+for every layer setting, and ``--limit 0`` takes every validation image, so a finished run can be re-evaluated
+under other settings: ``--sets all --limit 0 --phrase-tokens chunk --combine mean`` is the mean over all layers
+alone, on the whole set, with every word of a phrase averaged.
 """
 
 from __future__ import annotations
@@ -20,17 +25,21 @@ from tqdm import tqdm
 
 from grounding.capture import select_layers
 from grounding.commands.models import ModelLoadError, load_model
+from grounding.commands.options import add_attend_arguments, attend_settings, describe
 from grounding.evaluator import GroundingEvaluator
 
 COLUMNS = ("pointing", "recall", "miou", "ap50")
 
 
 def parse_sets(sets: list[str] | None, n_layers: int) -> list[list[int] | None]:
-    """``None`` (all layers) first, then each ``--sets`` entry (``"0,1"``), or each single layer by default."""
+    """``None`` (all layers) first, then each ``--sets`` entry (``"0,1"``; ``all`` is the first one, so
+    ``--sets all`` alone runs only it), or each single layer by default."""
     if not sets:
         return [None, *([i] for i in range(n_layers))]
     parsed: list[list[int] | None] = [None]
     for entry in sets:
+        if entry == "all":
+            continue
         try:
             parsed.append([int(x) for x in entry.split(",") if x.strip()])
         except ValueError:
@@ -38,13 +47,29 @@ def parse_sets(sets: list[str] | None, n_layers: int) -> list[list[int] | None]:
     return parsed
 
 
-def sweep(run: Path, sets: list[str] | None, limit: int | None, device: str | None) -> list[dict[str, Any]]:
+def sweep(
+    run: Path,
+    sets: list[str] | None,
+    limit: int | None,
+    device: str | None,
+    options: argparse.Namespace | None = None,
+) -> list[dict[str, Any]]:
+    """Records of the run's grounding evaluation per layer setting; ``limit`` 0: every image; ``options``: the
+    attend-and-segment options given (``add_attend_arguments``), applied over the run's own settings."""
+    if limit is not None and limit < 0:
+        raise SystemExit(f"error: --limit must be >= 0 (0: every image), got {limit}")
     try:
         loaded = load_model(argparse.Namespace(run=run, device=device))
     except ModelLoadError as err:
         raise SystemExit(f"error: {err}") from None
     config = loaded.run_config  # the run's own grounding settings and data root
-    grounding = config.grounding if limit is None else dataclasses.replace(config.grounding, limit=limit)
+    grounding = config.grounding
+    if options is not None:
+        settings = attend_settings(options, grounding)
+        grounding = dataclasses.replace(grounding, **dataclasses.asdict(settings))
+    if limit is not None:
+        grounding = dataclasses.replace(grounding, limit=limit or None)
+    print(f"settings: {describe(grounding.attend_settings())}; images: {grounding.limit or 'all'}")
     evaluator = GroundingEvaluator(grounding, Path(config.data.root))
     model = loaded.model
     n_layers = model.language_model.config.num_hidden_layers
@@ -83,14 +108,18 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=None,
         metavar="L[,L...]",
-        help="layer sets to try (default: each layer alone); negative indices count from the end. argparse "
-        "reads a set that starts with '-' and has a comma as an option: write 0,-1 rather than -1,0",
+        help="layer sets to try after all layers (default: each layer alone; 'all': only the mean over all); "
+        "negative indices count from the end. argparse reads a set that starts with '-' and has a comma as an "
+        "option: write 0,-1 rather than -1,0",
     )
-    parser.add_argument("--limit", type=int, default=None, help="images (default: the run's grounding.limit)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="images, 0 for all (default: the run's grounding.limit)"
+    )
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON records (default: RUN/grounding/layers.json)"
     )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_attend_arguments(parser, "the run's grounding settings", exclude=("layers",))
     args = parser.parse_args(argv)
     out = args.out or args.run / "grounding" / "layers.json"
     try:  # before the work, not after it: a read-only run needs --out
@@ -100,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         probe.unlink()
     except OSError as err:
         raise SystemExit(f"error: cannot write {out} ({err.strerror}); pass --out") from None
-    records = sweep(args.run, args.sets, args.limit, args.device)
+    records = sweep(args.run, args.sets, args.limit, args.device, args)
     print(format_table(records))
     out.write_text(json.dumps(records, indent=1) + "\n")
     print(f"wrote {out}")

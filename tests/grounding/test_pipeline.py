@@ -1,6 +1,8 @@
 """Attend-and-segment end to end on a model trained by the default recipe (tiny): callback, demo, infer, evaluate."""
 
+import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,8 +146,6 @@ def test_demo_rejects_a_corrupt_image(trained_run, tmp_path):
 
 
 def test_layer_selection_reaches_the_pipeline(trained_run, tiny_world):
-    import argparse
-
     import torch
 
     from grounding.attend import AttendAndSegment
@@ -180,3 +180,35 @@ def test_layer_sweep_reproduces_the_callback_and_rejects_bad_layers(trained_run,
     assert "| all" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="layer 99 is out of range"):
         layer_sweep.main(["--run", str(trained_run), "--sets", "99", "--out", str(out)])
+
+
+def test_layer_sweep_re_evaluates_a_run_with_other_settings_on_every_image(
+    trained_run, tiny_world, tmp_path, capsys
+):
+    import dataclasses
+
+    from grounding.commands import layer_sweep
+    from grounding.commands.models import load_model
+    from grounding.evaluator import GroundingEvaluator
+
+    out = tmp_path / "layers.json"
+    options = ["--peak", "centres", "--phrase-tokens", "chunk", "--combine", "mean"]
+    argv = ["--run", str(trained_run), "--sets", "all", "--limit", "0", "--out", str(out), *options]
+    assert layer_sweep.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "peak='centres'" in printed and "phrase_tokens='chunk'" in printed and "combine='mean'" in printed
+    records = json.loads(out.read_text())
+    assert [r["layers"] for r in records] == ["all"]
+    n_val = len(list((tiny_world / "val" / "images").iterdir()))
+    assert records[0]["n_images"] == n_val > 4, "--limit 0 takes every image, not the run's grounding.limit"
+    # The same evaluation built by hand from the run's config with those settings replaced.
+    loaded = load_model(argparse.Namespace(run=trained_run, device="cpu"))
+    config = dataclasses.replace(
+        loaded.run_config.grounding, limit=None, peak="centres", phrase_tokens="chunk", combine="mean"
+    )
+    evaluator = GroundingEvaluator(config, Path(loaded.run_config.data.root))
+    expected = evaluator.metrics(evaluator.predict(loaded.model))
+    for key in ("pointing", "recall", "miou", "ap50", "description"):
+        assert records[0][key] == pytest.approx(expected[key]), key
+    with pytest.raises(SystemExit, match="--limit must be >= 0"):
+        layer_sweep.main(["--run", str(trained_run), "--limit", "-1", "--out", str(out)])
