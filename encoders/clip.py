@@ -129,6 +129,8 @@ def _build_conv_tower(config: ClipEncoderConfig) -> nn.Module:
             config.width,
             _output_dim(config, config.width),
             config.conv_depths,
+            config.smoothing_steps,
+            config.smoothing_sigma,
         )
 
 

@@ -128,6 +128,13 @@ class ClipEncoderConfig:
     #: ``convnet`` only: how many stride-1 3x3 convs follow each stage's stride-2 conv, one count per entry of
     #: ``conv_channels``; None = one in every stage but the last (receptive field 29 px with three stages).
     conv_depths: tuple[int, ...] | None = None
+    #: ``convnet`` only: rounds of colour-guided smoothing of the tokens the LMM reads (0 = none): each round
+    #: averages every token with its 3 x 3 neighbours, weighted by ``exp(-d^2 / 2 sigma^2)`` with ``d`` the
+    #: distance of their cells' mean colours, so a shape's tokens share what its outline shows and the background
+    #: does not (``encoders.token_smoothing``). Not applied to the contrastive embedding: a cached tower serves
+    #: every setting.
+    smoothing_steps: int = 0
+    smoothing_sigma: float = 0.5
     init_seed: int = 0
     #: Pretrain the tower in-world (contrastively, cached) instead of loading ``weights`` or keeping a random
     #: one. ``train.py`` fills ``weights`` with the cached file, so the run's config.yaml names it.
@@ -145,6 +152,11 @@ class ClipEncoderConfig:
             self._check_convnet()
         elif self.conv_depths is not None:
             raise ValueError(f"conv_depths applies to model 'convnet', not {self.model!r}")
+        elif self.smoothing_steps:
+            raise ValueError(
+                f"smoothing_steps applies to model 'convnet', not {self.model!r} (its tokens already hold their "
+                "positions, which smoothing would blur)"
+            )
         if self.image_size is not None and self.patch_size is not None and self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
@@ -163,6 +175,10 @@ class ClipEncoderConfig:
             raise ValueError(
                 f"{', '.join(vit_only)}: ViT sizes; model 'convnet' is sized by conv_channels and width"
             )
+        if self.smoothing_steps < 0:
+            raise ValueError(f"smoothing_steps must be >= 0, got {self.smoothing_steps}")
+        if self.smoothing_sigma <= 0:
+            raise ValueError(f"smoothing_sigma must be > 0, got {self.smoothing_sigma}")
         if not self.conv_channels or min(self.conv_channels) <= 0:
             raise ValueError(f"conv_channels must be positive widths, got {list(self.conv_channels)}")
         if self.conv_depths is not None and (

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from encoders.config import default_conv_depths
+from encoders.token_smoothing import colour_guided_smoothing
 
 
 class ChannelNorm(nn.Module):
@@ -54,6 +55,8 @@ class ConvTower(nn.Module):
         width: int,
         output_dim: int,
         depths: Sequence[int] | None = None,
+        smoothing_steps: int = 0,
+        smoothing_sigma: float = 0.5,
     ) -> None:
         super().__init__()
         if not channels:
@@ -83,6 +86,12 @@ class ConvTower(nn.Module):
             "positional_embedding", torch.from_numpy(get_2d_sincos_pos_embed(width, side)).float()
         )
         self.proj = nn.Linear(width, output_dim)
+        if smoothing_steps < 0 or smoothing_sigma <= 0:
+            raise ValueError(
+                f"smoothing: steps >= 0 and sigma > 0, got {smoothing_steps} and {smoothing_sigma}"
+            )
+        self.smoothing_steps = smoothing_steps
+        self.smoothing_sigma = smoothing_sigma
 
     @property
     def receptive_field(self) -> int:
@@ -99,8 +108,11 @@ class ConvTower(nn.Module):
         return self.body(images).flatten(2).transpose(1, 2)
 
     def forward_tokens(self, images: Tensor) -> Tensor:
-        """What the LMM reads: each cell's features plus its fixed position."""
-        features = self.features(images)
+        """What the LMM reads: each cell's features, smoothed among cells of its colour when configured
+        (``encoders.token_smoothing``; before the positions, so every token keeps saying where it is), plus its
+        fixed position."""
+        cells = colour_guided_smoothing(self.body(images), images, self.smoothing_steps, self.smoothing_sigma)
+        features = cells.flatten(2).transpose(1, 2)
         return features + self.positional_embedding.to(features.dtype)
 
     def forward(self, images: Tensor) -> Tensor:

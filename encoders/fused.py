@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from encoders.base import VisualEncoder, seeded_init
 from encoders.config import FusedEncoderConfig
 from encoders.diffusion import DiffusionEncoder
+from encoders.token_smoothing import colour_guided_smoothing
 
 
 class FusedEncoder(VisualEncoder):
@@ -68,5 +69,15 @@ class FusedEncoder(VisualEncoder):
         # LayerNorm normalises the last axis, so it runs channels-last before the conv goes back to NCHW.
         dm = self.norm(features.to(dtype).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         dm = F.gelu(self.reduce(dm))
+        clip = self.diffusion.config.clip
+        if clip.smoothing_steps:
+            # The CLIP half comes smoothed by its own tower; the U-Net half is smoothed the same way (by the colours
+            # of the CLIP tower's input, in its units), so both halves of a token speak for the same region.
+            dm = colour_guided_smoothing(
+                dm,
+                self.diffusion.clip_inputs(images).to(dm.dtype),
+                clip.smoothing_steps,
+                clip.smoothing_sigma,
+            )
         dm_tokens = dm.flatten(2).transpose(1, 2)
         return torch.cat([clip_tokens.to(dm_tokens.dtype), dm_tokens], dim=-1)

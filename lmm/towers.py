@@ -74,7 +74,15 @@ class _TowerStages:
     # --------------------------------------------------------------------------------------------- CLIP
     def clip_key(self, clip: ClipEncoderConfig) -> str:
         architecture = dataclasses.asdict(clip)
-        for irrelevant in ("name", "weights", "pretrain", "select_layer"):  # select_layer: only read out
+        # select_layer and the token smoothing: how the LMM reads the tower, not what the tower is
+        for irrelevant in (
+            "name",
+            "weights",
+            "pretrain",
+            "select_layer",
+            "smoothing_steps",
+            "smoothing_sigma",
+        ):
             architecture.pop(irrelevant)
         if clip.model != "convnet":  # a ViT's key stays what it was before convnets existed
             architecture.pop("conv_channels")

@@ -1,5 +1,6 @@
 """Every YAML under configs/ loads, validates and (where it needs no weight files) builds; bad configs fail clearly."""
 
+import dataclasses
 import json
 import types
 from pathlib import Path
@@ -353,3 +354,7 @@ def test_the_ablation_encoders_share_the_default_clip_tower(tiny_world):
     key = stages.clip_key(default.encoder)
     assert stages.clip_key(load_config(None, [*root, "encoder=clip_conv_pretrained"]).encoder) == key
     assert stages.clip_key(load_config(None, [*root, "encoder=fused_tiny_pretrained"]).encoder.clip) == key
+    # And each reads it the same way: the whole section is the default's, the token smoothing (not in the key) too.
+    assert load_config(None, [*root, "encoder=clip_conv_pretrained"]).encoder == default.encoder
+    fused_clip = load_config(None, [*root, "encoder=fused_tiny_pretrained"]).encoder.clip
+    assert dataclasses.replace(fused_clip, weights=default.encoder.weights) == default.encoder

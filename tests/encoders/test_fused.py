@@ -7,6 +7,7 @@ which parameters train.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,39 @@ def test_trainable_parts_and_gradients(encoder):
     finally:
         encoder.zero_grad(set_to_none=True)
         encoder.eval()
+
+
+def test_token_smoothing_reaches_both_halves_of_a_fused_token(raw_config):
+    """With the CLIP tower's ``smoothing_steps`` set, the U-Net half is smoothed exactly as the CLIP half is: by
+    the colours of the CLIP tower's input, so both halves of a token speak for the same region."""
+    from encoders.token_smoothing import colour_guided_smoothing
+
+    conv = OmegaConf.load(CONFIGS / "fused_tiny_pretrained.yaml").encoder.clip
+    conv.pop("pretrain")
+
+    def build(**smoothing):
+        raw = OmegaConf.merge(raw_config.encoder, {"clip": conv}, {"clip": smoothing})
+        schema = OmegaConf.structured(encoder_class(raw.name).Config)
+        return build_encoder(OmegaConf.to_object(OmegaConf.merge(schema, raw))).eval()
+
+    plain, smoothed = build(), build(smoothing_steps=2, smoothing_sigma=0.4)
+    x = images(2)
+    with torch.no_grad():
+        out_plain, out = plain(x), smoothed(x)
+        width = smoothed.diffusion.clip.embed_dim
+        clip_inputs = plain.diffusion.clip_inputs(x)
+        assert torch.equal(out[..., :width], smoothed.diffusion.clip(clip_inputs))
+        assert not torch.allclose(out[..., :width], out_plain[..., :width])
+        # The U-Net half before its smoothing: the same encoder (its captioner reads the smoothed CLIP tokens) with
+        # the setting read at forward time cleared; the tower keeps smoothing the CLIP half.
+        config = smoothed.diffusion.config
+        smoothed.diffusion.config = dataclasses.replace(
+            config, clip=dataclasses.replace(config.clip, smoothing_steps=0)
+        )
+        unsmoothed = smoothed(x)
+        smoothed.diffusion.config = config
+        assert torch.equal(unsmoothed[..., :width], out[..., :width])
+        dm = unsmoothed[..., width:].transpose(1, 2).reshape(2, -1, 8, 8)
+        expected = colour_guided_smoothing(dm, clip_inputs, 2, 0.4).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(out[..., width:], expected)
+        assert not torch.allclose(out[..., width:], unsmoothed[..., width:])

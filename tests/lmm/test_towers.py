@@ -191,6 +191,8 @@ def test_a_convnet_layout_keys_its_tower_and_the_default_layout_spelled_out_does
     # TINY_CONV has two stages: the default layout is one stride-1 conv after the first, none after the last.
     assert key() == key("encoder.conv_depths=[1, 0]")
     assert len({key(), key("encoder.conv_depths=[0, 0]"), key("encoder.conv_depths=[1, 1]")}) == 3
+    # The token smoothing is how the LMM reads the tower, not what the tower is: one cached tower serves both.
+    assert key() == key("encoder.smoothing_steps=3", "encoder.smoothing_sigma=0.3")
 
 
 def test_the_diffusion_towers_load_from_the_cache_into_the_fused_encoder(tiny_world, tmp_path):

@@ -1,0 +1,125 @@
+"""Colour-guided token smoothing (``encoders.token_smoothing``, ``encoder.smoothing_steps``): checked against a
+loop over cells written from its definition, and for what it is for: features spread within a region of one
+colour and not across its edge."""
+
+import math
+
+import pytest
+import torch
+
+from encoders.clip import build_vision_tower
+from encoders.config import ClipEncoderConfig
+from encoders.token_smoothing import colour_guided_smoothing
+
+TINY = dict(
+    model="convnet",
+    image_size=32,
+    width=32,
+    conv_channels=(8, 16),
+    pool_type="avg",
+    pos_embed_type="sin_cos_2d",
+)
+
+
+def _by_definition(cells: torch.Tensor, images: torch.Tensor, steps: int, sigma: float) -> torch.Tensor:
+    """One cell at a time: mean colour of each cell, Gaussian weights to the 3 x 3 neighbours on the grid."""
+    batch, channels, height, width = cells.shape
+    ph, pw = images.shape[-2] // height, images.shape[-1] // width
+    colour = [
+        [[images[b, :, r * ph : (r + 1) * ph, c * pw : (c + 1) * pw].mean((1, 2)) for c in range(width)]
+         for r in range(height)]
+        for b in range(batch)
+    ]  # fmt: skip
+    for _ in range(steps):
+        out = torch.zeros_like(cells)
+        for b in range(batch):
+            for r in range(height):
+                for c in range(width):
+                    total, weight_sum = torch.zeros(channels, dtype=cells.dtype), 0.0
+                    for rr in range(max(r - 1, 0), min(r + 2, height)):
+                        for cc in range(max(c - 1, 0), min(c + 2, width)):
+                            d2 = float((colour[b][rr][cc] - colour[b][r][c]).pow(2).sum())
+                            w = math.exp(-d2 / (2 * sigma**2))
+                            total += w * cells[b, :, rr, cc]
+                            weight_sum += w
+                    out[b, :, r, c] = total / weight_sum
+        cells = out
+    return cells
+
+
+def test_smoothing_equals_its_definition_cell_by_cell():
+    torch.manual_seed(0)
+    cells = torch.randn(2, 5, 4, 6, dtype=torch.float64)
+    images = torch.randn(2, 3, 16, 24, dtype=torch.float64)
+    for steps, sigma in ((1, 0.7), (3, 1.5)):
+        torch.testing.assert_close(
+            colour_guided_smoothing(cells, images, steps, sigma), _by_definition(cells, images, steps, sigma)
+        )
+    assert torch.equal(colour_guided_smoothing(cells, images, 0, 0.5), cells)
+
+
+def test_features_spread_within_a_colour_region_and_not_across_its_edge():
+    # A 4 x 4-cell dark square on a light background: 8 x 8 cells of 4 px, colours 3 units apart (sigma 0.5).
+    images = torch.full((1, 3, 32, 32), 1.5)
+    images[..., 8:24, 8:24] = -1.5
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[2:6, 2:6] = True
+    torch.manual_seed(0)
+    cells = torch.randn(1, 16, 8, 8)
+    seen = torch.zeros_like(cells)
+    seen[..., 2, 2] = 10.0  # what only the square's corner token saw
+    out = colour_guided_smoothing(cells + seen, images, 6, 0.5) - colour_guided_smoothing(
+        cells, images, 6, 0.5
+    )
+    # Every token of the square comes to share it (a linear map: the difference is the spread of `seen`) ...
+    assert out[0, 0][inside].min() > 0.15  # a third of an even share (10 / 16) at the far corner
+    # ... and no background token gets any of it, nor does anything the background holds reach the square.
+    assert out[0, 0][~inside].abs().max() < 1e-3
+    noise = torch.randn_like(cells) * (~inside)
+    changed = colour_guided_smoothing(cells + noise, images, 6, 0.5) - colour_guided_smoothing(
+        cells, images, 6, 0.5
+    )
+    assert changed[0][:, inside].abs().max() < 1e-3 and changed[0][:, ~inside].abs().max() > 0.1
+    # Without the edge (one flat colour) the same smoothing does carry it into the background.
+    flat = torch.zeros_like(images)
+    spread = colour_guided_smoothing(cells + seen, flat, 6, 0.5) - colour_guided_smoothing(
+        cells, flat, 6, 0.5
+    )
+    assert spread[0, 0][~inside].max() > 0.3
+
+
+def test_the_tower_smooths_what_the_lmm_reads_only():
+    plain = build_vision_tower(ClipEncoderConfig(**TINY))
+    smoothed = build_vision_tower(ClipEncoderConfig(**TINY, smoothing_steps=2, smoothing_sigma=0.8))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        # Same weights (same init seed); the contrastive embedding is untouched, so one cached tower serves both.
+        assert torch.equal(plain(images), smoothed(images))
+        tokens = smoothed.forward_tokens(images)
+        cells = plain.body(images)
+        expected = colour_guided_smoothing(cells, images, 2, 0.8).flatten(2).transpose(1, 2)
+        # Positions are added after the smoothing: each token still says exactly where it is.
+        torch.testing.assert_close(tokens - smoothed.positional_embedding, expected)
+        assert not torch.allclose(tokens, plain.forward_tokens(images))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"smoothing_steps": -1}, "smoothing_steps must be >= 0, got -1"),
+        ({"smoothing_sigma": 0.0}, "smoothing_sigma must be > 0, got 0.0"),
+    ],
+)
+def test_smoothing_config_errors_name_the_field(change, message):
+    with pytest.raises(ValueError, match=message):
+        ClipEncoderConfig(**{**TINY, **change})
+
+
+def test_smoothing_belongs_to_the_convnet():
+    with pytest.raises(ValueError, match="smoothing_steps applies to model 'convnet', not 'ViT-B-32'"):
+        ClipEncoderConfig(model="ViT-B-32", smoothing_steps=3)
+
+
+def test_smoothing_refuses_a_grid_the_image_does_not_divide_into():
+    with pytest.raises(ValueError, match=r"images \(30, 32\) do not divide into a 8 x 8 grid"):
+        colour_guided_smoothing(torch.zeros(1, 4, 8, 8), torch.zeros(1, 3, 30, 32), 1, 0.5)
