@@ -132,9 +132,10 @@ class ClipEncoderConfig:
     #: averages every token with its 3 x 3 neighbours, weighted by ``exp(-d^2 / 2 sigma^2)`` with ``d`` the
     #: distance of their cells' mean colours, so a shape's tokens share what its outline shows and the background
     #: does not (``encoders.token_smoothing``). Not applied to the contrastive embedding: a cached tower serves
-    #: every setting.
+    #: every setting. The fused encoder smooths its U-Net half with the same weights; the diffusion encoder alone
+    #: only feeds the smoothed tokens to its captioner.
     smoothing_steps: int = 0
-    smoothing_sigma: float = 0.5
+    smoothing_sigma: float = 0.3
     init_seed: int = 0
     #: Pretrain the tower in-world (contrastively, cached) instead of loading ``weights`` or keeping a random
     #: one. ``train.py`` fills ``weights`` with the cached file, so the run's config.yaml names it.

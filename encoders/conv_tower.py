@@ -56,7 +56,7 @@ class ConvTower(nn.Module):
         output_dim: int,
         depths: Sequence[int] | None = None,
         smoothing_steps: int = 0,
-        smoothing_sigma: float = 0.5,
+        smoothing_sigma: float = 0.3,
     ) -> None:
         super().__init__()
         if not channels:

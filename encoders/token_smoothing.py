@@ -8,8 +8,9 @@ alike; this does the same here without any learning and without reaching across 
 every cell's features become the mean of its 3 x 3 neighbourhood (itself included, the grid's outside left out),
 each neighbour weighted by ``exp(-d^2 / 2 sigma^2)``, ``d`` the Euclidean distance between the two cells' mean
 input colours (in the tower's normalised units). Within one flat-coloured region features spread by a cell per
-round; between a shape and its background (``d`` of 1.6 or more in the shapes world, where backgrounds are
-light and every palette colour has a dark channel) a neighbour counts less than 1% as much. The weights depend on
+round; between a shape and its background (``d`` of 1.5 or more in the shapes world, where backgrounds are
+light and every palette colour has a dark channel) a neighbour weighs ``exp(-12.5)``, a few millionths, at the
+default's ``sigma`` of 0.3. A cell straddling an edge has a mixed mean colour and joins the side it mostly lies on. The weights depend on
 the pixels only, so gradients reach the features, and the tower's contrastive pretraining (its pooled embedding)
 is not affected: the smoothing is how the LMM reads the frozen tower, as ``select_layer`` is for a ViT.
 """
