@@ -123,3 +123,10 @@ def test_smoothing_belongs_to_the_convnet():
 def test_smoothing_refuses_a_grid_the_image_does_not_divide_into():
     with pytest.raises(ValueError, match=r"images \(30, 32\) do not divide into a 8 x 8 grid"):
         colour_guided_smoothing(torch.zeros(1, 4, 8, 8), torch.zeros(1, 3, 30, 32), 1, 0.5)
+
+
+def test_gradients_reach_the_features_exactly():
+    # The fused encoder's U-Net half trains through the smoothing: its gradient must be the linear map's own.
+    cells = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    images = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: colour_guided_smoothing(x, images, 2, 0.7), (cells,))
