@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from encoders.clip import build_vision_tower
 from encoders.config import ClipEncoderConfig
 from encoders.registry import build_encoder
+from encoders.token_smoothing import colour_guided_smoothing
 
 TINY = dict(
     model="convnet",
@@ -111,6 +112,8 @@ def test_a_weight_file_loads_exactly_and_one_of_another_shape_is_named(tmp_path)
         ({"pos_embed_type": "learnable"}, "pos_embed_type: sin_cos_2d"),
         ({"conv_depths": (1,)}, r"conv_depths \[1\]: one count >= 0 per entry of conv_channels \(2\)"),
         ({"conv_depths": (1, -1)}, "conv_depths"),
+        ({"smoothing_steps": -1}, "smoothing_steps must be >= 0, got -1"),
+        ({"smoothing_sigma": 0.0}, "smoothing_sigma must be > 0, got 0.0"),
     ],
 )
 def test_config_errors_name_the_field(change, message):
@@ -121,3 +124,23 @@ def test_config_errors_name_the_field(change, message):
 def test_conv_depths_belong_to_the_convnet():
     with pytest.raises(ValueError, match="conv_depths applies to model 'convnet', not 'ViT-B-32'"):
         ClipEncoderConfig(model="ViT-B-32", conv_depths=(1, 1, 0))
+
+
+def test_smoothing_belongs_to_the_convnet():
+    with pytest.raises(ValueError, match="smoothing_steps applies to model 'convnet', not 'ViT-B-32'"):
+        ClipEncoderConfig(model="ViT-B-32", smoothing_steps=3)
+
+
+def test_the_tower_smooths_what_the_lmm_reads_only():
+    plain = build_vision_tower(ClipEncoderConfig(**TINY))
+    smoothed = build_vision_tower(ClipEncoderConfig(**TINY, smoothing_steps=2, smoothing_sigma=0.8))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        # Same weights (same init seed); the contrastive embedding is untouched, so one cached tower serves both.
+        assert torch.equal(plain(images), smoothed(images))
+        tokens = smoothed.forward_tokens(images)
+        cells = plain.body(images)
+        expected = colour_guided_smoothing(cells, images, 2, 0.8).flatten(2).transpose(1, 2)
+        # Positions are added after the smoothing: each token still says exactly where it is.
+        torch.testing.assert_close(tokens - smoothed.positional_embedding, expected)
+        assert not torch.allclose(tokens, plain.forward_tokens(images))

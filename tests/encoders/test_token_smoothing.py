@@ -7,18 +7,7 @@ import math
 import pytest
 import torch
 
-from encoders.clip import build_vision_tower
-from encoders.config import ClipEncoderConfig
 from encoders.token_smoothing import colour_guided_smoothing
-
-TINY = dict(
-    model="convnet",
-    image_size=32,
-    width=32,
-    conv_channels=(8, 16),
-    pool_type="avg",
-    pos_embed_type="sin_cos_2d",
-)
 
 
 def _by_definition(cells: torch.Tensor, images: torch.Tensor, steps: int, sigma: float) -> torch.Tensor:
@@ -86,38 +75,6 @@ def test_features_spread_within_a_colour_region_and_not_across_its_edge():
         cells, flat, 6, 0.5
     )
     assert spread[0, 0][~inside].max() > 0.3
-
-
-def test_the_tower_smooths_what_the_lmm_reads_only():
-    plain = build_vision_tower(ClipEncoderConfig(**TINY))
-    smoothed = build_vision_tower(ClipEncoderConfig(**TINY, smoothing_steps=2, smoothing_sigma=0.8))
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        # Same weights (same init seed); the contrastive embedding is untouched, so one cached tower serves both.
-        assert torch.equal(plain(images), smoothed(images))
-        tokens = smoothed.forward_tokens(images)
-        cells = plain.body(images)
-        expected = colour_guided_smoothing(cells, images, 2, 0.8).flatten(2).transpose(1, 2)
-        # Positions are added after the smoothing: each token still says exactly where it is.
-        torch.testing.assert_close(tokens - smoothed.positional_embedding, expected)
-        assert not torch.allclose(tokens, plain.forward_tokens(images))
-
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        ({"smoothing_steps": -1}, "smoothing_steps must be >= 0, got -1"),
-        ({"smoothing_sigma": 0.0}, "smoothing_sigma must be > 0, got 0.0"),
-    ],
-)
-def test_smoothing_config_errors_name_the_field(change, message):
-    with pytest.raises(ValueError, match=message):
-        ClipEncoderConfig(**{**TINY, **change})
-
-
-def test_smoothing_belongs_to_the_convnet():
-    with pytest.raises(ValueError, match="smoothing_steps applies to model 'convnet', not 'ViT-B-32'"):
-        ClipEncoderConfig(model="ViT-B-32", smoothing_steps=3)
 
 
 def test_smoothing_refuses_a_grid_the_image_does_not_divide_into():
