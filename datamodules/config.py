@@ -25,6 +25,7 @@ COLOUR_RGB = types.MappingProxyType(dict(COLOURS))
 KINDS = ("circle", "square", "triangle", "diamond", "star")
 DEFAULT_KINDS = ("circle", "square", "triangle", "diamond")
 SIZES = ("small", "large")
+QA_KINDS = ("colour", "shape", "count", "exist", "position", "size")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class ShapesWorldConfig:
     text_only_fraction: float = 0.1
     max_rounds: int = 3
     describe_weight: float = 2.5  # relative to 1.0 for each QA kind, so detailed descriptions are common
+    #: How often an instruct round asks each QA kind, relative to one another and to `describe_weight`; a kind
+    #: not named weighs 1.0, and 0 never asks it. The held-out questions (val_qa) stay one kind in six.
+    question_weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -78,6 +82,16 @@ class ShapesWorldConfig:
             raise ValueError("counts must be >= 0 and samples_per_shard >= 1")
         if self.max_rounds < 1:
             raise ValueError("max_rounds must be >= 1")
+        unknown_kinds = sorted(set(self.question_weights) - set(QA_KINDS))
+        if unknown_kinds:
+            raise ValueError(
+                f"question_weights: unknown QA kinds {unknown_kinds}; expected some of {list(QA_KINDS)}"
+            )
+        negative = {k: w for k, w in self.question_weights.items() if not w >= 0}
+        if negative:
+            raise ValueError(f"question_weights must be >= 0, got {negative}")
+        if self.describe_weight < 0:
+            raise ValueError(f"describe_weight must be >= 0, got {self.describe_weight}")
 
     @property
     def n_object_captions(self) -> int:

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -344,6 +345,48 @@ def test_instruct_records_and_text_only_fraction(records):
     assert 0.05 <= text_only / n <= 0.16
     assert rounds == {1, 2, 3}
     assert describe / n > 0.2
+
+
+def _asked_kinds(config: ShapesWorldConfig, n: int) -> Counter:
+    """How often the first ``n`` instruct samples of ``config`` ask each QA kind (and describe)."""
+    from datamodules.shapes import _instruct_sample
+
+    prefixes = {
+        "What colour is the": "colour", "What shape is the": "shape", "How many shapes": "count",
+        "Is there": "exist", "Where is the": "position", "Is the": "size", DETAIL_PROMPT: "describe",
+    }  # fmt: skip
+    asked = Counter()
+    for index in range(n):
+        record = _instruct_sample(config, index)["json"]
+        if "image" not in record:
+            continue
+        for turn in record["conversations"][::2]:
+            question = turn["value"].removeprefix(IMAGE_TOKEN + "\n")
+            asked[next(kind for prefix, kind in prefixes.items() if question.startswith(prefix))] += 1
+    return asked
+
+
+def test_question_weights_set_how_often_each_kind_is_asked():
+    base = dataclasses.replace(TINY, n_instruct=400)
+    default = _asked_kinds(base, 400)
+    assert set(default) == {*QA_KINDS, "describe"}
+    ones = dataclasses.replace(base, question_weights=dict.fromkeys(QA_KINDS, 1.0))
+    assert _asked_kinds(ones, 400) == default, "all weights 1.0 is the default, draw for draw"
+    weighted = _asked_kinds(dataclasses.replace(base, question_weights={"exist": 4.0, "size": 0.0}), 400)
+    assert weighted["size"] == 0
+    assert weighted["exist"] > 2 * default["exist"]
+    # exist's share among the QA kinds still askable: 4 / (4 + 4 others) on scenes where all are askable
+    share = weighted["exist"] / sum(v for k, v in weighted.items() if k != "describe")
+    assert 0.4 < share < 0.6, share
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [({"exists": 2.0}, "unknown QA kinds ['exists']"), ({"exist": -1.0}, "must be >= 0")],
+)
+def test_question_weights_refuse_unknown_kinds_and_negative_weights(weights, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ShapesWorldConfig(question_weights=weights)
 
 
 # ---------------------------------------------------------------------------------------------- QA
