@@ -67,6 +67,12 @@ class VisualEncoder(L.LightningModule, ABC):
     def forward(self, images: Tensor) -> Tensor:
         """images: (B, 3, S, S) as produced by ``image_transform`` -> (B, h*w, embed_dim)."""
 
+    def token_mixing(self, images: Tensor) -> Tensor | None:
+        """``(B, n, n)``: how much of each grid cell's features each output token carries, for an encoder that
+        mixes its cells (row ``t`` for token ``t``, rows summing to 1); None when every token is its own cell.
+        Attend-and-segment attributes a token's attention back to the cells it came from through it."""
+        return None
+
     def frozen_modules(self) -> Iterator[nn.Module]:
         """Submodules holding pretrained weights that never train (kept in eval mode, not checkpointed)."""
         return iter(())

@@ -82,6 +82,11 @@ class ClipEncoder(VisualEncoder):
     def frozen_modules(self) -> Iterator[nn.Module]:
         yield self.tower
 
+    def token_mixing(self, images: Tensor) -> Tensor | None:
+        if self.backend != "convnet":
+            return None  # a ViT's tokens mix by attention, which no fixed matrix describes
+        return self.tower.token_mixing(images.to(dtype=next(self.tower.parameters()).dtype))
+
     def forward(self, images: Tensor) -> Tensor:
         images = images.to(dtype=next(self.tower.parameters()).dtype)
         if self.backend == "hf":

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from encoders.config import default_conv_depths
-from encoders.token_smoothing import colour_guided_smoothing
+from encoders.token_smoothing import colour_guided_smoothing, smoothing_matrix
 
 
 class ChannelNorm(nn.Module):
@@ -114,6 +114,14 @@ class ConvTower(nn.Module):
         cells = colour_guided_smoothing(self.body(images), images, self.smoothing_steps, self.smoothing_sigma)
         features = cells.flatten(2).transpose(1, 2)
         return features + self.positional_embedding.to(features.dtype)
+
+    def token_mixing(self, images: Tensor) -> Tensor | None:
+        """``(B, n, n)``: the smoothing :meth:`forward_tokens` applies to ``images``' cells; None without it."""
+        if not self.smoothing_steps:
+            return None
+        patch = self.patch_size[0]
+        grid = (images.shape[-2] // patch, images.shape[-1] // patch)
+        return smoothing_matrix(images, grid, self.smoothing_steps, self.smoothing_sigma)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.proj(self.features(images).mean(1))

@@ -63,6 +63,10 @@ class FusedEncoder(VisualEncoder):
     def frozen_modules(self) -> Iterator[nn.Module]:
         return self.diffusion.frozen_modules()
 
+    def token_mixing(self, images: Tensor) -> Tensor | None:
+        # Both halves of a token are smoothed by the CLIP tower's weights on its own input (see forward).
+        return self.diffusion.clip.token_mixing(self.diffusion.clip_inputs(images))
+
     def forward(self, images: Tensor) -> Tensor:
         features, clip_tokens = self.diffusion.encode(images)
         dtype = self.norm.weight.dtype

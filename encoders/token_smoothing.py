@@ -59,3 +59,21 @@ def colour_guided_smoothing(cells: Tensor, images: Tensor, steps: int, sigma: fl
                 smoothed += padded[:, :, row : row + height, col : col + width] * weights[:, :, row, col]
         cells = smoothed
     return cells
+
+
+def smoothing_matrix(images: Tensor, grid: tuple[int, int], steps: int, sigma: float) -> Tensor:
+    """``(B, n, n)`` with ``n = h * w``: row ``t`` says how much of each cell's features token ``t`` carries after
+    :func:`colour_guided_smoothing` (rows sum to 1; the identity for ``steps = 0``), so that the smoothed tokens
+    are ``matrix @ cells`` with the cells flattened row-major.
+
+    Attend-and-segment reads it backwards: attention to token ``t`` is attention to what ``t`` carries, so a map
+    over the tokens becomes ``map @ matrix`` over the cells (``grounding.layout.GridView``).
+    """
+    height, width = grid
+    n = height * width
+    batch = images.shape[0]
+    # Smoothing is linear in the cells: smoothing the n one-hot cell maps gives, in channel c at token t, the
+    # weight of cell c in token t.
+    one_hot = torch.eye(n, dtype=images.dtype, device=images.device).view(1, n, height, width)
+    spread = colour_guided_smoothing(one_hot.expand(batch, -1, -1, -1), images, steps, sigma)
+    return spread.view(batch, n, n).transpose(1, 2).contiguous()

@@ -117,6 +117,8 @@ class AttendAndSegment:
     def views(self, layouts: Sequence[ImageLayout], images: Sequence[Image.Image]) -> list[GridView]:
         """The grid read of each layout (register tokens skipped as configured), checked against its image."""
         views = [layout.with_registers(self.config.register_tokens).view() for layout in layouts]
+        if not self.config.attribute_mixing:
+            views = [view.without_mixing() for view in views]
         for image, view in zip(images, views, strict=True):
             if view.image_size != (image.height, image.width):
                 raise ValueError(

@@ -100,6 +100,15 @@ class AttendConfig:
         ),
     )
 
+    attribute_mixing: bool = dataclasses.field(
+        default=True,
+        metadata=_help(
+            "spread the attention to each visual token over the grid cells whose features it carries, for "
+            "encoders that mix their cells (the convnet tower's colour-guided smoothing); no effect on models "
+            "whose tokens are their own cells (every ViT, the reference's)"
+        ),
+    )
+
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")

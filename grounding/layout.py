@@ -66,6 +66,9 @@ class Block:
         tile: ``(row, col)`` of this block among the blocks of its name that stitch into one grid.
         registers: how many of ``positions``' first entries are register tokens (a ViT's extra tokens that
             precede the grid), not grid cells; ``positions`` then holds ``registers + h * w`` entries.
+        mixing: ``(n, n)`` over the ``n`` kept cells, for an encoder that mixes its cells into its tokens
+            (``VisualEncoder.token_mixing``): row ``t`` is how much of each cell token ``t`` carries. None: every
+            token is its own cell.
     """
 
     name: str
@@ -75,6 +78,7 @@ class Block:
     drop_columns: tuple[int, ...] = ()
     tile: tuple[int, int] | None = None
     registers: int = 0
+    mixing: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "positions", _as_positions(self.positions))
@@ -94,6 +98,14 @@ class Block:
         left, top, right, bottom = self.box
         if not (right > left and bottom > top):
             raise ValueError(f"block {self.name!r}: box {self.box} is empty")
+        if self.mixing is not None:
+            n = h * (w - len(self.drop_columns))
+            if tuple(self.mixing.shape) != (n, n):
+                raise ValueError(
+                    f"block {self.name!r}: mixing of shape {tuple(self.mixing.shape)}, expected ({n}, {n}) for its "
+                    f"{n} cells"
+                )
+            object.__setattr__(self, "mixing", self.mixing.detach().float().cpu())
 
     @property
     def kept_grid(self) -> tuple[int, int]:
@@ -109,16 +121,29 @@ class Block:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class GridView:
-    """The grid that is read: ``positions`` row-major over ``grid``, covering ``box`` of the image."""
+    """The grid that is read: ``positions`` row-major over ``grid``, covering ``box`` of the image; ``mixing``
+    (see :class:`Block`) when its tokens mix the cells."""
 
     positions: torch.Tensor
     grid: tuple[int, int]
     box: Box
     image_size: tuple[int, int]
+    mixing: torch.Tensor | None = None
 
     def to_grid(self, values: torch.Tensor) -> torch.Tensor:
-        """``(..., h * w)`` values in ``positions`` order -> ``(..., h, w)``."""
+        """``(..., h * w)`` values in ``positions`` order -> ``(..., h, w)``.
+
+        With ``mixing``, values over the tokens (attention) become values over the cells first: a token's share
+        is spread over the cells it carries (``values @ mixing``), so a map says where the attended content lies
+        in the image rather than which token carried it. The total is unchanged (``mixing``'s rows sum to 1).
+        """
+        if self.mixing is not None:
+            values = values.float() @ self.mixing.to(values.device)
         return values.reshape(*values.shape[:-1], *self.grid)
+
+    def without_mixing(self) -> GridView:
+        """This view reading every token as its own cell (``AttendConfig.attribute_mixing`` off)."""
+        return dataclasses.replace(self, mixing=None)
 
     def render(self, grid_map: torch.Tensor) -> torch.Tensor:
         """An ``(h, w)`` map on the grid -> a float32 ``(H, W)`` map on the original image.
@@ -237,10 +262,14 @@ class ImageLayout:
         chosen = [b for b in self.blocks if b.name == self.read]
         if len(chosen) == 1 and chosen[0].tile is None:
             block = chosen[0]
-            return GridView(block.kept_positions(), block.kept_grid, block.box, self.image_size)
+            return GridView(block.kept_positions(), block.kept_grid, block.box, self.image_size, block.mixing)
         return self._stitch(chosen)
 
     def _stitch(self, tiles: list[Block]) -> GridView:
+        if any(t.mixing is not None for t in tiles):
+            raise ValueError(
+                f"the {len(tiles)} blocks named {self.read!r} mix their cells: tiles cannot be stitched"
+            )
         if any(t.tile is None for t in tiles) or len({t.kept_grid for t in tiles}) != 1:
             raise ValueError(
                 f"the {len(tiles)} blocks named {self.read!r} cannot be read as one grid: "
@@ -265,12 +294,17 @@ class ImageLayout:
 
 
 def single_block_layout(
-    positions: torch.Tensor | Sequence[int], grid: tuple[int, int], image_size: tuple[int, int], aspect: str
+    positions: torch.Tensor | Sequence[int],
+    grid: tuple[int, int],
+    image_size: tuple[int, int],
+    aspect: str,
+    mixing: torch.Tensor | None = None,
 ) -> ImageLayout:
     """One grid over the whole image: LLaVA-1.5 and the project's LMMs.
 
     ``aspect``: ``pad`` (the image was padded to a centred square: :func:`pad_box`), ``crop`` or ``resize``
-    (the grid is mapped onto the whole image, as the reference does for a centre crop).
+    (the grid is mapped onto the whole image, as the reference does for a centre crop). ``mixing``: see
+    :class:`Block`.
     """
     height, width = image_size
     if aspect == "pad":
@@ -279,4 +313,4 @@ def single_block_layout(
         box = full_box(height, width)
     else:
         raise ValueError(f"aspect must be 'pad', 'crop' or 'resize', got {aspect!r}")
-    return ImageLayout(image_size, (Block("image", positions, grid, box),), read="image")
+    return ImageLayout(image_size, (Block("image", positions, grid, box, mixing=mixing),), read="image")

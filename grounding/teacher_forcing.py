@@ -77,13 +77,17 @@ def teacher_forced_rows(
     responses: Sequence[Sequence[int]],
     layers: Sequence[int] | None = None,
     register_tokens: int = 0,
+    attribute_mixing: bool = True,
 ) -> list[tuple[torch.Tensor, GridView]]:
     """Per sample, ``(rows, view)``: one raw map row per response token, the attention of the query at that
-    token's own position to the cells of ``view`` (the read grid, ``register_tokens`` skipped), in view order.
+    token's own position to the cells of ``view`` (the read grid, ``register_tokens`` skipped), in view order;
+    ``attribute_mixing``: whether the view keeps the layout's token mixing (``AttendConfig.attribute_mixing``).
 
     ``model.forward(batch)`` runs the single pass (``GroundableModel.forward``).
     """
     views = [layout.with_registers(register_tokens).view() for layout in batch.layouts]
+    if not attribute_mixing:
+        views = [view.without_mixing() for view in views]
     pad = model.tokenizer.pad_token_id
     full, start = append_responses(batch, responses, 0 if pad is None else int(pad))
     positions = [view.positions for view in views]

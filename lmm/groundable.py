@@ -25,12 +25,18 @@ from lmm.released.llava15 import LlavaImageTransform, tokenizer_image_token
 
 
 def single_block_layouts(
-    spans: Sequence[tuple[int, int]], images: Sequence[Image.Image], grid: tuple[int, int], aspect: str
+    spans: Sequence[tuple[int, int]],
+    images: Sequence[Image.Image],
+    grid: tuple[int, int],
+    aspect: str,
+    mixing: Tensor | None = None,
 ) -> list[ImageLayout]:
-    """One grid of visual tokens per image, over the encoder's square fitted with ``aspect``."""
+    """One grid of visual tokens per image, over the encoder's square fitted with ``aspect``; ``mixing``:
+    ``(B, n, n)``, each image's ``VisualEncoder.token_mixing``, or None."""
+    mixes = [None] * len(images) if mixing is None else list(mixing)
     return [
-        single_block_layout(range(*span), grid, (image.height, image.width), aspect)
-        for span, image in zip(spans, images, strict=True)
+        single_block_layout(range(*span), grid, (image.height, image.width), aspect, mix)
+        for span, image, mix in zip(spans, images, mixes, strict=True)
     ]
 
 
@@ -75,8 +81,10 @@ class LMMGrounding:
         prompts = [self.template.prompt(q, has_image=True) for q in questions]
         batch = self.model.prepare_prompts(prompts, pixels)
         spans = [span for span in batch.image_spans if span is not None]
+        with torch.no_grad():
+            mixing = self.model.encoder.token_mixing(torch.stack(pixels)) if pixels else None
         return PreparedBatch(
-            inputs=batch, layouts=single_block_layouts(spans, images, self.grid, self.aspect)
+            inputs=batch, layouts=single_block_layouts(spans, images, self.grid, self.aspect, mixing)
         )
 
     def generate(self, batch: PreparedBatch, max_new_tokens: int) -> Tensor:
@@ -130,8 +138,10 @@ class LlavaGrounding:
         dtype = next(self.model.projector.parameters()).dtype
         pixels = torch.stack([self.transform(image) for image in images]).to(device=device, dtype=dtype)
         batch = PromptBatch(input_ids.to(device), attention_mask.to(device), list(spans), pixels)
+        with torch.no_grad():
+            mixing = self.model.encoder.token_mixing(pixels)
         return PreparedBatch(
-            inputs=batch, layouts=single_block_layouts(spans, images, self.grid, self.aspect)
+            inputs=batch, layouts=single_block_layouts(spans, images, self.grid, self.aspect, mixing)
         )
 
     def generate(self, batch: PreparedBatch, max_new_tokens: int) -> Tensor:

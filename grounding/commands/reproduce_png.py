@@ -88,7 +88,12 @@ def ground_narratives(
     ]
     batch = model.prepare(images, [settings.prompt] * len(images))
     rows = teacher_forced_rows(
-        model, batch, [c.token_ids for c in captions], settings.layers, settings.register_tokens
+        model,
+        batch,
+        [c.token_ids for c in captions],
+        settings.layers,
+        settings.register_tokens,
+        settings.attribute_mixing,
     )
     out = []
     for narrative, image, caption, (token_rows, view) in zip(narratives, images, captions, rows, strict=True):

@@ -144,3 +144,18 @@ def test_the_tower_smooths_what_the_lmm_reads_only():
         # Positions are added after the smoothing: each token still says exactly where it is.
         torch.testing.assert_close(tokens - smoothed.positional_embedding, expected)
         assert not torch.allclose(tokens, plain.forward_tokens(images))
+
+
+def test_token_mixing_is_the_smoothing_the_tower_applies():
+    plain = build_vision_tower(ClipEncoderConfig(**TINY))
+    smoothed = build_vision_tower(ClipEncoderConfig(**TINY, smoothing_steps=2, smoothing_sigma=0.8))
+    images = torch.randn(2, 3, 32, 32)
+    assert plain.token_mixing(images) is None
+    with torch.no_grad():
+        mixing = smoothed.token_mixing(images)
+        cells = plain.body(images).flatten(2).transpose(1, 2)  # (B, n, C), row-major
+        torch.testing.assert_close(
+            smoothed.forward_tokens(images) - smoothed.positional_embedding, mixing @ cells
+        )
+    encoder = build_encoder(ClipEncoderConfig(**TINY, smoothing_steps=2, smoothing_sigma=0.8))
+    torch.testing.assert_close(encoder.token_mixing(images), mixing)

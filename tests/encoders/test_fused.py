@@ -131,3 +131,6 @@ def test_token_smoothing_reaches_both_halves_of_a_fused_token(raw_config):
         expected = colour_guided_smoothing(dm, clip_inputs, 2, 0.4).flatten(2).transpose(1, 2)
         torch.testing.assert_close(out[..., width:], expected)
         assert not torch.allclose(out[..., width:], unsmoothed[..., width:])
+        # The mixing grounding attributes attention through is that smoothing, for both halves.
+        mixing = smoothed.token_mixing(x)
+        torch.testing.assert_close(out[..., width:], mixing @ unsmoothed[..., width:])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from encoders.token_smoothing import colour_guided_smoothing
+from encoders.token_smoothing import colour_guided_smoothing, smoothing_matrix
 
 
 def _by_definition(cells: torch.Tensor, images: torch.Tensor, steps: int, sigma: float) -> torch.Tensor:
@@ -87,3 +87,31 @@ def test_gradients_reach_the_features_exactly():
     cells = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     images = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda x: colour_guided_smoothing(x, images, 2, 0.7), (cells,))
+
+
+def test_the_smoothing_matrix_is_the_smoothing_as_a_matrix():
+    torch.manual_seed(0)
+    cells = torch.randn(2, 5, 4, 6, dtype=torch.float64)
+    images = torch.randn(2, 3, 16, 24, dtype=torch.float64)
+    matrix = smoothing_matrix(images, (4, 6), 3, 1.5)
+    assert matrix.shape == (2, 24, 24)
+    torch.testing.assert_close(matrix.sum(-1), torch.ones(2, 24, dtype=torch.float64))
+    expected = _by_definition(cells, images, 3, 1.5).flatten(2)  # (B, C, n)
+    torch.testing.assert_close((matrix @ cells.flatten(2).transpose(1, 2)).transpose(1, 2), expected)
+    torch.testing.assert_close(
+        smoothing_matrix(images, (4, 6), 0, 1.5), torch.eye(24).expand(2, -1, -1).double()
+    )
+
+
+def test_attention_read_through_the_matrix_stays_in_its_colour_region():
+    # The square of the spreading test: all the attention on the square's corner token is attributed to the
+    # square's 16 cells, a part to each, and none to the background.
+    images = torch.full((1, 3, 32, 32), 1.5)
+    images[..., 8:24, 8:24] = -1.5
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[2:6, 2:6] = True
+    attention = torch.zeros(64)
+    attention[2 * 8 + 2] = 1.0
+    cells = (attention @ smoothing_matrix(images, (8, 8), 6, 0.5)[0]).view(8, 8)
+    assert cells.sum() == pytest.approx(1.0)
+    assert cells[inside].min() > 0.01 and cells[~inside].max() < 1e-4

@@ -104,6 +104,26 @@ def test_bad_layouts_name_the_problem():
         block_layout.view().render(torch.zeros(3, 3))
 
 
+def test_a_view_with_mixing_spreads_each_tokens_value_over_its_cells():
+    # Token 0 carries half of cell 0 and half of cell 1; the others are their own cells.
+    mixing = torch.eye(4)
+    mixing[0] = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    view = single_block_layout(range(4), (2, 2), (8, 8), "pad", mixing=mixing).view()
+    values = torch.tensor([[2.0, 0.0, 1.0, 0.0], [0.0, 3.0, 0.0, 0.0]])
+    torch.testing.assert_close(
+        view.to_grid(values), torch.tensor([[[1.0, 1.0], [1.0, 0.0]], [[0.0, 3.0], [0.0, 0.0]]])
+    )
+    torch.testing.assert_close(view.without_mixing().to_grid(values), values.view(2, 2, 2))
+    with pytest.raises(ValueError, match=r"mixing of shape \(3, 3\), expected \(4, 4\)"):
+        Block("image", range(4), (2, 2), full_box(4, 4), mixing=torch.eye(3))
+    tiles = tuple(
+        Block("tile", range(4 * i, 4 * i + 4), (2, 2), full_box(4, 4), tile=(0, i), mixing=torch.eye(4))
+        for i in range(2)
+    )
+    with pytest.raises(ValueError, match="mix their cells"):
+        ImageLayout((4, 8), tiles, read="tile").view()
+
+
 def test_prepared_batch_positions_and_spans():
     layouts = [
         single_block_layout(range(3, 7), (2, 2), (8, 8), "pad"),

@@ -166,6 +166,34 @@ def test_layer_selection_reaches_the_pipeline(trained_run, tiny_world):
     assert not torch.allclose(token_maps([n_layers - 1]), every), "one layer alone differs from the mean"
 
 
+def test_attention_is_attributed_to_the_cells_each_token_carries(trained_run, tiny_world):
+    """The default's tower smooths its tokens by colour, so a token carries a weighted share of several cells;
+    each token's map is spread over those cells (``attribute_mixing``): the unattributed map times the encoder's
+    own mixing matrix, computed here from the image independently of the pipeline."""
+    import torch
+
+    from grounding.attend import AttendAndSegment
+    from grounding.commands.models import load_model
+    from grounding.config import AttendConfig
+
+    model = load_model(argparse.Namespace(run=trained_run, device="cpu")).model
+    image = Image.open(sorted((tiny_world / "val" / "images").iterdir())[1]).convert("RGB")
+    encoder = model.model.encoder
+    with torch.no_grad():
+        mixing = encoder.token_mixing(encoder.image_transform("pad")(image)[None])[0]
+    assert not torch.allclose(mixing, torch.eye(len(mixing))), "the default's tower mixes its cells"
+
+    def ground(attribute):
+        settings = AttendConfig(spacy_model=SPACY, max_new_tokens=8, batch_size=1, attribute_mixing=attribute)
+        return AttendAndSegment(model, settings)([image])[0]
+
+    on, off = ground(True), ground(False)
+    assert on.caption == off.caption
+    torch.testing.assert_close(on.token_maps.flatten(1), off.token_maps.flatten(1) @ mixing)
+    for attributed, plain in zip(on.maps, off.maps, strict=True):  # root word, max: one token per phrase
+        torch.testing.assert_close(attributed.flatten(), plain.flatten() @ mixing)
+
+
 def test_layer_sweep_reproduces_the_callback_and_rejects_bad_layers(trained_run, tmp_path, capsys):
     from grounding.commands import layer_sweep
 
