@@ -85,7 +85,7 @@ class ClipEncoder(VisualEncoder):
     def token_mixing(self, images: Tensor) -> Tensor | None:
         if self.backend != "convnet":
             return None  # a ViT's tokens mix by attention, which no fixed matrix describes
-        return self.tower.token_mixing(images.to(dtype=next(self.tower.parameters()).dtype))
+        return self.tower.token_mixing(images.float())  # weights only, in float32 whatever the tower's dtype
 
     def forward(self, images: Tensor) -> Tensor:
         images = images.to(dtype=next(self.tower.parameters()).dtype)
