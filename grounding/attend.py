@@ -24,7 +24,7 @@ from PIL import Image
 from grounding.capture import AttentionCapture
 from grounding.coco_io import GCGPrediction, mask_to_rle, write_gcg_prediction
 from grounding.config import AttendConfig
-from grounding.layout import GridView, ImageLayout
+from grounding.layout import GridView, ImageLayout, read_views
 from grounding.phrases import Phrase, default_spacy_model, group_phrases, response_token_offsets
 from grounding.protocol import GroundableModel
 from grounding.sam_prompts import PromptedSam, ScoredMask, refiner_from_config, remove_corner
@@ -116,9 +116,7 @@ class AttendAndSegment:
 
     def views(self, layouts: Sequence[ImageLayout], images: Sequence[Image.Image]) -> list[GridView]:
         """The grid read of each layout (register tokens skipped as configured), checked against its image."""
-        views = [layout.with_registers(self.config.register_tokens).view() for layout in layouts]
-        if not self.config.attribute_mixing:
-            views = [view.without_mixing() for view in views]
+        views = read_views(layouts, self.config.register_tokens, self.config.attribute_mixing)
         for image, view in zip(images, views, strict=True):
             if view.image_size != (image.height, image.width):
                 raise ValueError(

@@ -29,7 +29,16 @@ import torch.nn.functional as F
 
 from grounding.config import Peak
 
-__all__ = ["Block", "Box", "GridView", "ImageLayout", "full_box", "pad_box", "single_block_layout"]
+__all__ = [
+    "Block",
+    "Box",
+    "GridView",
+    "ImageLayout",
+    "full_box",
+    "pad_box",
+    "read_views",
+    "single_block_layout",
+]
 
 #: ``(left, top, right, bottom)`` in the original image's pixels; may reach beyond the image (padding).
 Box = tuple[float, float, float, float]
@@ -291,6 +300,15 @@ class ImageLayout:
             max(t.box[3] for t in tiles),
         )
         return GridView(canvas.reshape(-1), (rows * h, cols * w), box, self.image_size)
+
+
+def read_views(
+    layouts: Sequence[ImageLayout], register_tokens: int = 0, attribute_mixing: bool = True
+) -> list[GridView]:
+    """The grid each layout reads, with ``register_tokens`` skipped at the start of every block and the blocks'
+    token mixing kept or dropped (``AttendConfig.register_tokens`` and ``attribute_mixing``)."""
+    views = [layout.with_registers(register_tokens).view() for layout in layouts]
+    return views if attribute_mixing else [view.without_mixing() for view in views]
 
 
 def single_block_layout(

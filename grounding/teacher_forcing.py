@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from grounding.capture import AttentionCapture
-from grounding.layout import GridView
+from grounding.layout import GridView, read_views
 from grounding.protocol import GroundableModel, PreparedBatch
 
 __all__ = ["append_responses", "teacher_forced_rows"]
@@ -85,9 +85,7 @@ def teacher_forced_rows(
 
     ``model.forward(batch)`` runs the single pass (``GroundableModel.forward``).
     """
-    views = [layout.with_registers(register_tokens).view() for layout in batch.layouts]
-    if not attribute_mixing:
-        views = [view.without_mixing() for view in views]
+    views = read_views(batch.layouts, register_tokens, attribute_mixing)
     pad = model.tokenizer.pad_token_id
     full, start = append_responses(batch, responses, 0 if pad is None else int(pad))
     positions = [view.positions for view in views]

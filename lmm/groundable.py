@@ -82,7 +82,7 @@ class LMMGrounding:
         batch = self.model.prepare_prompts(prompts, pixels)
         spans = [span for span in batch.image_spans if span is not None]
         with torch.no_grad():
-            mixing = self.model.encoder.token_mixing(torch.stack(pixels)) if pixels else None
+            mixing = None if batch.images is None else self.model.encoder.token_mixing(batch.images)
         return PreparedBatch(
             inputs=batch, layouts=single_block_layouts(spans, images, self.grid, self.aspect, mixing)
         )
