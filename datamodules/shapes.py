@@ -468,6 +468,8 @@ def _instruct_rounds(
             rounds.append((DETAIL_PROMPT, detailed_description(shapes)))
         else:
             rounds.append(make_question(rng, shapes, kind, config))
+    if config.describe_last:  # reordered after drawing, so the rounds themselves are those drawn without it
+        rounds.sort(key=lambda r: r[0] == DETAIL_PROMPT)
     return rounds
 
 

@@ -380,6 +380,35 @@ def test_question_weights_set_how_often_each_kind_is_asked():
     assert 0.4 < share < 0.6, share
 
 
+def _rounds(record: dict) -> list[tuple[str, str]]:
+    turns = record["conversations"]
+    questions = [t["value"].removeprefix(IMAGE_TOKEN + "\n") for t in turns[::2]]
+    return list(zip(questions, [t["value"] for t in turns[1::2]], strict=True))
+
+
+def test_describe_last_moves_the_description_after_the_questions_and_keeps_the_rounds():
+    from datamodules.shapes import _instruct_sample
+
+    base = dataclasses.replace(TINY, n_instruct=200)
+    last = dataclasses.replace(base, describe_last=True)
+    moved = 0
+    for index in range(200):
+        drawn, reordered = _instruct_sample(base, index)["json"], _instruct_sample(last, index)["json"]
+        rounds, rounds_last = _rounds(drawn), _rounds(reordered)
+        assert sorted(rounds_last) == sorted(rounds), "the same questions and answers, only reordered"
+        prompts = [q for q, _ in rounds_last]
+        if DETAIL_PROMPT in prompts:
+            assert prompts.index(DETAIL_PROMPT) == len(prompts) - 1
+            moved += rounds_last != rounds
+        questions = [q for q in prompts if q != DETAIL_PROMPT]
+        assert questions == [q for q, _ in rounds if q != DETAIL_PROMPT], "questions keep their order"
+        if drawn["conversations"][0]["value"].startswith(IMAGE_TOKEN):
+            assert reordered["conversations"][0]["value"].startswith(IMAGE_TOKEN), (
+                "the image stays in turn one"
+            )
+    assert moved > 10
+
+
 @pytest.mark.parametrize(
     ("weights", "message"),
     [({"exists": 2.0}, "unknown QA kinds ['exists']"), ({"exist": -1.0}, "must be >= 0")],
