@@ -255,9 +255,13 @@ class TowersConfig:
     data: str = "objects"
     #: Save a resumable checkpoint of a tower stage every this many steps.
     checkpoint_every_n_steps: int = 100
+    #: Intra-op CPU threads a tower trains with, whatever ``trainer.num_threads`` the run uses. A CPU tower's
+    #: weights depend on it (reductions split by thread count: 1 and 2 threads differ by an ulp after 20 steps
+    #: and are different towers after 600), so the stage pins it and the cache key holds it: one key, one tower.
+    num_threads: int = 2
 
     def __post_init__(self) -> None:
-        _positive(self, "checkpoint_every_n_steps")
+        _positive(self, "checkpoint_every_n_steps", "num_threads")
 
 
 @dataclasses.dataclass

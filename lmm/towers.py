@@ -4,7 +4,8 @@
 diffusion encoder's ``clip``) is trained contrastively (``encoders.pretraining.contrastive``); a diffusion
 encoder with ``pretrain`` gets its VAE (``encoders.pretraining.vae``) and then its U-Net
 (``encoders.pretraining.unet``, conditioned on the CLIP recipe's text tower). Each is an entry of the tower
-cache (``lmm.tower_cache``, under ``towers.cache_dir``) keyed by its architecture, recipe and data: present
+cache (``lmm.tower_cache``, under ``towers.cache_dir``) keyed by its architecture, recipe, data and numerics
+(device, precision and, on the CPU, ``towers.num_threads``, which the stage trains with): present
 -> reused without training; absent -> trained with its own Lightning Trainer (TensorBoard logs and resumable
 checkpoints in the entry) and published. The returned config names the cached files (``encoder.weights``,
 ``encoder.sd_path``), which the encoders load frozen; the run's config.yaml records them.
@@ -12,11 +13,12 @@ checkpoints in the entry) and published. The returned config names the cached fi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,33 @@ ENTRY_FILES = {
     "sd": ("unet", "vae", "scheduler", "tensorboard"),
 }
 CLIP_WEIGHTS = "visual.safetensors"
+
+
+def tower_numerics(config: TrainConfig) -> dict[str, Any]:
+    """What of the run's hardware settings decides a tower's weights, for its cache key: the device kind, the
+    precision and, on the CPU, the thread count it trains with (``towers.num_threads``)."""
+    import torch
+
+    device = {"gpu": "cuda"}.get(config.trainer.accelerator, config.trainer.accelerator)
+    if device == "auto":  # as Lightning resolves it
+        device = (
+            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        )
+    threads = config.towers.num_threads if device == "cpu" else None
+    return {"device": device, "precision": str(config.trainer.precision), "threads": threads}
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads, then restore the caller's count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def towers_data_dir(config: TrainConfig) -> Path:
@@ -69,6 +98,7 @@ class _TowerStages:
         self.cache = TowerCache(config.towers.cache_dir)
         self.data = towers_data_dir(config)
         self.fingerprint = data_fingerprint(self.data)
+        self.numerics = tower_numerics(config)
         self.summaries: list[dict[str, Any]] = []
 
     # --------------------------------------------------------------------------------------------- CLIP
@@ -91,7 +121,7 @@ class _TowerStages:
             architecture.pop("conv_depths")  # the default layout, spelled out or not, keeps its earlier key
         return tower_key(
             {"kind": "clip", "architecture": architecture, "recipe": dataclasses.asdict(clip.pretrain),
-             "data": self.fingerprint}
+             "data": self.fingerprint, "numerics": self.numerics}
         )  # fmt: skip
 
     def clip(self, clip: ClipEncoderConfig) -> ClipEncoderConfig:
@@ -142,7 +172,7 @@ class _TowerStages:
         return tower_key(
             {"kind": "vae", "vae_config": encoder.vae_config, "image_size": encoder.image_size,
              "init_seed": encoder.init_seed, "aspect": encoder.pretrain.aspect,
-             "recipe": dataclasses.asdict(encoder.pretrain.vae), "data": self.fingerprint}
+             "recipe": dataclasses.asdict(encoder.pretrain.vae), "data": self.fingerprint, "numerics": self.numerics}
         )  # fmt: skip
 
     def stable_diffusion(self, encoder: DiffusionEncoderConfig, clip: ClipEncoderConfig) -> Path:
@@ -157,7 +187,7 @@ class _TowerStages:
             {"kind": "sd", "unet_config": encoder.unet_config, "scheduler_config": encoder.scheduler_config,
              "image_size": encoder.image_size, "init_seed": encoder.init_seed, "aspect": encoder.pretrain.aspect,
              "recipe": dataclasses.asdict(encoder.pretrain.unet), "vae": vae_key, "text": clip_key,
-             "data": self.fingerprint}
+             "data": self.fingerprint, "numerics": self.numerics}
         )  # fmt: skip
         vae_dir = self.cache.entry("vae", vae_key) / "vae"
         self._ensure(
@@ -210,7 +240,8 @@ class _TowerStages:
             log.info("%s: %s %s", name, "resuming in" if resuming else "training into", entry)
             work.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
-            info = train(work)
+            with pinned_threads(self.config.towers.num_threads):
+                info = train(work)
             seconds = round(time.perf_counter() - start, 1)
             history = info.get("loss_history") or []
             final = round(history[-1][1], 4) if history else None

@@ -170,6 +170,31 @@ def test_the_same_tower_config_reuses_the_cache_and_a_changed_one_retrains(tiny_
     assert not torch.equal(load_file(learned.encoder.weights)["visual.positional_embedding"], start)
 
 
+def test_a_tower_trains_with_its_own_thread_count_which_keys_the_cache(tiny_world, tmp_path):
+    """The CPU tower's weights depend on the intra-op thread count, so one cache key must mean one thread count:
+    the stage trains with towers.num_threads whatever the process uses (and restores the process's count)."""
+    from lmm.towers import _TowerStages, ensure_towers
+
+    def train(process_threads, cache, *extra):
+        torch.set_num_threads(process_threads)
+        config = tower_config(
+            tiny_world, tmp_path / cache, ["encoder.pretrain.steps=20", *extra], tower=TINY_CONV
+        )
+        trained, summaries = ensure_towers(config)
+        assert torch.get_num_threads() == process_threads and "skipped" not in summaries[0]
+        return _TowerStages(config).clip_key(config.encoder), load_file(trained.encoder.weights)
+
+    before = torch.get_num_threads()
+    try:
+        key_1, alone = train(1, "a", "towers.num_threads=2")
+        key_2, beside = train(2, "b", "towers.num_threads=2")
+        key_3, _ = train(2, "c", "towers.num_threads=1")
+    finally:
+        torch.set_num_threads(before)
+    assert key_1 == key_2 and all(torch.equal(alone[k], beside[k]) for k in alone)
+    assert key_3 != key_1
+
+
 TINY_FUSED = [
     "encoder=fused_tiny",
     "encoder.image_size=32",
