@@ -26,6 +26,7 @@ KINDS = ("circle", "square", "triangle", "diamond", "star")
 DEFAULT_KINDS = ("circle", "square", "triangle", "diamond")
 SIZES = ("small", "large")
 QA_KINDS = ("colour", "shape", "count", "exist", "position", "size")
+ANSWER_STYLES = ("short", "sentence")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class ShapesWorldConfig:
     #: Put an instruct conversation's detailed description after its questions, so that no question can be
     #: answered by reading the description's text instead of the image (the held-out questions come alone).
     describe_last: bool = False
+    #: How an instruct or held-out question is answered: ``short`` (the answer alone: "Top right.") or
+    #: ``sentence`` (the answer after the object restated: "The red circle is top right."), so that the tokens
+    #: just before the answer name the object, as a detailed description's do before its position.
+    answer_style: str = "short"
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -97,6 +102,8 @@ class ShapesWorldConfig:
             raise ValueError(f"question_weights must be >= 0, got {negative}")
         if self.describe_weight < 0:
             raise ValueError(f"describe_weight must be >= 0, got {self.describe_weight}")
+        if self.answer_style not in ANSWER_STYLES:
+            raise ValueError(f"answer_style must be one of {list(ANSWER_STYLES)}, got {self.answer_style!r}")
 
     @property
     def n_object_captions(self) -> int:

@@ -379,39 +379,61 @@ def askable_kinds(shapes: Sequence[ShapeSpec]) -> tuple[str, ...]:
 
 def make_question(
     rng: np.random.Generator, shapes: Sequence[ShapeSpec], kind: str, config: ShapesWorldConfig
-) -> tuple[str, str]:
-    """One (question, canonical short answer) pair of `kind` about `shapes` (see `askable_kinds`)."""
+) -> tuple[str, str, str]:
+    """One question of `kind` about `shapes` (see `askable_kinds`): (question, answer in the config's
+    `answer_style`, canonical short answer). The short answer is what chance levels count."""
     shapes = sorted(shapes, key=lambda s: s.cell)
+
+    def reply(short: str, sentence: str) -> tuple[str, str]:
+        return (_answer(sentence) if config.answer_style == "sentence" else _answer(short)), _answer(short)
+
     if kind == "colour":
         counts = Counter(s.kind for s in shapes)
         target = _pick(rng, [s for s in shapes if counts[s.kind] == 1])
-        return f"What colour is the {target.kind}?", _answer(target.colour)
-    if kind == "shape":
+        question = f"What colour is the {target.kind}?"
+        answer = reply(target.colour, f"the {target.kind} is {target.colour}")
+    elif kind == "shape":
         counts = Counter(s.colour for s in shapes)
         target = _pick(rng, [s for s in shapes if counts[s.colour] == 1])
-        return f"What shape is the {target.colour} object?", _answer(target.kind)
-    if kind == "count":
-        return "How many shapes are there?", _answer(NUMBER_WORDS[len(shapes)])
-    if kind == "exist":
+        question = f"What shape is the {target.colour} object?"
+        answer = reply(target.kind, f"the {target.colour} object is {_article(target.kind)} {target.kind}")
+    elif kind == "count":
+        n = len(shapes)
+        question = "How many shapes are there?"
+        sentence = "there is one shape" if n == 1 else f"there are {NUMBER_WORDS[n]} shapes"
+        answer = reply(NUMBER_WORDS[n], sentence)
+    elif kind == "exist":
         present = {(s.colour, s.kind) for s in shapes}
         if rng.random() < 0.5:
             target = _pick(rng, shapes)
-            return _exist_question(target.colour, target.kind), "Yes."
-        absent = [(c, k) for c in config.colours for k in config.kinds if (c, k) not in present]
-        colour, shape_kind = _pick(rng, absent)
-        return _exist_question(colour, shape_kind), "No."
-    if kind == "position":
+            colour, shape_kind, exists = target.colour, target.kind, True
+        else:
+            absent = [(c, k) for c in config.colours for k in config.kinds if (c, k) not in present]
+            (colour, shape_kind), exists = _pick(rng, absent), False
+        question = _exist_question(colour, shape_kind)
+        if exists:
+            answer = reply("yes", f"yes, there is {_article(colour)} {colour} {shape_kind}")
+        else:
+            answer = reply("no", f"no, there is no {colour} {shape_kind}")
+    elif kind == "position":
         target = _pick(rng, shapes)
-        return f"Where is the {target.colour} {target.kind}?", _answer(target.position)
-    if kind == "size":
+        question = f"Where is the {target.colour} {target.kind}?"
+        answer = reply(target.position, f"the {target.colour} {target.kind} is {target.position}")
+    elif kind == "size":
         target = _pick(rng, shapes)
-        return f"Is the {target.colour} {target.kind} large or small?", _answer(target.size)
-    raise ValueError(f"unknown question kind {kind!r}")
+        question = f"Is the {target.colour} {target.kind} large or small?"
+        answer = reply(target.size, f"the {target.colour} {target.kind} is {target.size}")
+    else:
+        raise ValueError(f"unknown question kind {kind!r}")
+    return question, *answer
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def _exist_question(colour: str, kind: str) -> str:
-    article = "an" if colour[0] in "aeiou" else "a"
-    return f"Is there {article} {colour} {kind}?"
+    return f"Is there {_article(colour)} {colour} {kind}?"
 
 
 def _pick(rng: np.random.Generator, items: Sequence[Any]) -> Any:
@@ -467,7 +489,7 @@ def _instruct_rounds(
         if kind == "describe":
             rounds.append((DETAIL_PROMPT, detailed_description(shapes)))
         else:
-            rounds.append(make_question(rng, shapes, kind, config))
+            rounds.append(make_question(rng, shapes, kind, config)[:2])
     if config.describe_last:  # reordered after drawing, so the rounds themselves are those drawn without it
         rounds.sort(key=lambda r: r[0] == DETAIL_PROMPT)
     return rounds
@@ -492,6 +514,10 @@ def lexicon_texts(config: ShapesWorldConfig) -> list[str]:
     for spec in specs:
         for kind in QA_KINDS:
             texts += make_question(rng, [spec], kind, config)
+    for n in range(config.min_shapes, config.max_shapes + 1):  # every count and both existence answers
+        texts += make_question(rng, specs[:: len(specs) // n][:n], "count", config)
+    for _ in range(8):
+        texts += make_question(rng, specs[:1], "exist", config)
     for kind in QA_KINDS:
         texts += qa_answer_space(kind, config)
     for colour in config.colours:
@@ -573,12 +599,13 @@ def _val_qa_sample(config: ShapesWorldConfig, index: int) -> dict[str, Any]:
             break
     else:
         raise RuntimeError(f"could not draw a scene for a {kind!r} question")
-    question, answer = make_question(rng, scene.shapes, kind, config)
+    question, answer, short = make_question(rng, scene.shapes, kind, config)
     item = {
         "id": f"qa-{index:06d}",
         "image": f"val_qa/images/qa-{index:06d}.png",
         "question": question,
         "answer": answer,
+        "short_answer": short,
         "kind": kind,
     }
     return {"png": _png_bytes(scene.image), "item": item}
@@ -729,7 +756,7 @@ def _write_val_qa(
         texts += [IMAGE_TOKEN + "\n" + item["question"], item["answer"]]
     chance, uniform = {}, {}
     for kind in QA_KINDS:
-        answers = Counter(q["answer"] for q in questions if q["kind"] == kind)
+        answers = Counter(q["short_answer"] for q in questions if q["kind"] == kind)
         # The majority answer is the best a model that ignores the image can score.
         chance[kind] = max(answers.values()) / sum(answers.values()) if answers else 0.0
         uniform[kind] = 1.0 / len(qa_answer_space(kind, config))

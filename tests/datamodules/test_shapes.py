@@ -26,6 +26,7 @@ from datamodules.shapes import (
     DETAIL_PROMPT,
     POSITIONS,
     QA_KINDS,
+    TEXT_FACTS,
     ShapeSpec,
     ShapesWorldConfig,
     detailed_description,
@@ -409,6 +410,57 @@ def test_describe_last_moves_the_description_after_the_questions_and_keeps_the_r
     assert moved > 10
 
 
+def test_sentence_answers_restate_the_asked_object_and_end_with_the_short_answer(tmp_path):
+    """answer_style=sentence: the same questions (same draws), each answer the short answer after the object the
+    question names; chance levels still count the short answers; the tokenizer knows every sentence."""
+    from datamodules.shapes import _instruct_sample
+
+    short_style = dataclasses.replace(TINY, n_instruct=120)
+    sentence_style = dataclasses.replace(short_style, answer_style="sentence")
+    asked = Counter()
+    for index in range(120):
+        short_rounds = _rounds(_instruct_sample(short_style, index)["json"])
+        sentence_rounds = _rounds(_instruct_sample(sentence_style, index)["json"])
+        assert [q for q, _ in sentence_rounds] == [q for q, _ in short_rounds]
+        for (question, short), (_, sentence) in zip(short_rounds, sentence_rounds, strict=True):
+            if question == DETAIL_PROMPT or (question, short) in TEXT_FACTS:
+                assert sentence == short
+                continue
+            slot = short.rstrip(".").lower()
+            if slot in ("yes", "no"):
+                kind = "exist"
+                subject = re.fullmatch(r"Is there an? (\w+ \w+)\?", question).group(1)
+                expected = f"{slot.capitalize()}, there is {'no' if slot == 'no' else 'an?'} {subject}."
+            elif question.startswith("How many"):
+                kind, expected = (
+                    "count",
+                    ("There is one shape." if slot == "one" else f"There are {slot} shapes."),
+                )
+            else:
+                kind, subject = (
+                    "object",
+                    re.fullmatch(
+                        r"(?:What colour is|What shape is|Where is|Is) the (\w+(?: \w+)?)(?: large or small)?\?",
+                        question,
+                    ).group(1),
+                )
+                article = "an? " if question.startswith("What shape") else ""
+                expected = f"The {subject} is {article}{slot}."
+            assert re.fullmatch(expected, sentence), (question, sentence)
+            asked[kind] += 1
+    assert min(asked.values()) > 10, asked
+
+    out = tmp_path / "sentences"
+    generate_world(dataclasses.replace(sentence_style, n_instruct=60), out, workers=0)
+    data = json.loads((out / "val_qa.json").read_text())
+    assert all(q["answer"] != q["short_answer"] for q in data["questions"])
+    for kind in QA_KINDS:
+        shorts = Counter(q["short_answer"] for q in data["questions"] if q["kind"] == kind)
+        assert data["chance"][kind] == max(shorts.values()) / sum(shorts.values())
+    texts = [text for q in data["questions"] for text in (q["question"], q["answer"])]
+    assert unknown_words(load_word_tokenizer(out / "tokenizer"), texts) == []
+
+
 @pytest.mark.parametrize(
     ("weights", "message"),
     [({"exists": 2.0}, "unknown QA kinds ['exists']"), ({"exist": -1.0}, "must be >= 0")],
@@ -416,6 +468,13 @@ def test_describe_last_moves_the_description_after_the_questions_and_keeps_the_r
 def test_question_weights_refuse_unknown_kinds_and_negative_weights(weights, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         ShapesWorldConfig(question_weights=weights)
+
+
+def test_an_unknown_answer_style_is_refused():
+    with pytest.raises(
+        ValueError, match=re.escape("answer_style must be one of ['short', 'sentence'], got 'long'")
+    ):
+        ShapesWorldConfig(answer_style="long")
 
 
 # ---------------------------------------------------------------------------------------------- QA
@@ -429,7 +488,7 @@ def test_val_qa_answers_agree_with_the_images(world):
     for kind in QA_KINDS:
         of_kind = [q for q in questions if q["kind"] == kind]
         assert len(of_kind) == TINY.n_val_qa // len(QA_KINDS)
-        assert all(q["answer"] in qa_answer_space(kind, TINY) for q in of_kind)
+        assert all(q["answer"] == q["short_answer"] in qa_answer_space(kind, TINY) for q in of_kind)
         assert data["uniform_chance"][kind] == pytest.approx(1 / len(qa_answer_space(kind, TINY)))
         assert data["uniform_chance"][kind] <= data["chance"][kind] <= 1
     for q in questions:
