@@ -108,6 +108,10 @@ def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image.resize(size, Image.NEAREST)) > 0
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def _label_text(index: int, phrase: str, legend: bool) -> str:
     return f"{index + 1}. {phrase}" if legend else phrase
 
@@ -389,6 +393,10 @@ def draw_overlay(
     """Compose the overlay panel; ``maps`` are the (h, w) grid maps, put on the image by ``view`` (a grounded
     response's ``view``, any model) or, without one, upsampled with ``aspect``."""
     image = image.convert("RGB")
+    # One line each: a response may hold newlines (an undertrained model's, or a chat model's), which PIL cannot
+    # measure, and a label or title bar has room for one line anyway.
+    caption = _one_line(caption)
+    phrases = [_one_line(phrase) for phrase in phrases]
     layout = overlay_layout(image.size, phrases, points, masks, display_size)
     font = _font(layout.font_size)
     line_height = layout.font_size + 6

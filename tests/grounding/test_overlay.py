@@ -151,3 +151,14 @@ def test_phrase_spans_follow_the_caption_in_order():
         (22, 34),
         None,
     ]
+
+
+def test_a_response_with_newlines_draws_as_its_one_line_form():
+    """Generated text may hold newlines (an undertrained model's), which PIL cannot measure in one line: the
+    overlay draws them as single spaces, exactly as the one-line text."""
+    h, w = 64, 64
+    masks, points, maps = [_disc(h, w, 20, 20, 10)], [(20, 20)], [torch.rand(4, 4)]
+    image = Image.new("RGB", (w, h), (200, 200, 200))
+    broken = draw_overlay(image, "A red\n circle\n\nis left.", ["red\n circle"], points, masks, maps)
+    single = draw_overlay(image, "A red circle is left.", ["red circle"], points, masks, maps)
+    assert np.array_equal(np.asarray(broken), np.asarray(single))
