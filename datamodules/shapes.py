@@ -514,10 +514,9 @@ def lexicon_texts(config: ShapesWorldConfig) -> list[str]:
     for spec in specs:
         for kind in QA_KINDS:
             texts += make_question(rng, [spec], kind, config)
-    for n in range(config.min_shapes, config.max_shapes + 1):  # every count and both existence answers
+    # A sentence answer spells every count in lower case ("There are three shapes.").
+    for n in range(config.min_shapes, config.max_shapes + 1):
         texts += make_question(rng, specs[:: len(specs) // n][:n], "count", config)
-    for _ in range(8):
-        texts += make_question(rng, specs[:1], "exist", config)
     for kind in QA_KINDS:
         texts += qa_answer_space(kind, config)
     for colour in config.colours:
