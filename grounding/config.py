@@ -16,7 +16,7 @@ DEFAULT_PROMPT = "Describe the image in detail."
 
 PhraseTokens = Literal["root", "chunk"]
 Combine = Literal["max", "mean"]
-RefinerName = Literal["threshold", "sam"]
+RefinerName = Literal["threshold", "sam", "guided"]
 SamType = Literal["vit_h", "vit_l", "vit_b"]
 SamMode = Literal["point", "mask"]
 Peak = Literal["image", "centres"]
@@ -53,7 +53,17 @@ class AttendConfig:
     )
     refiner: RefinerName = dataclasses.field(
         default="threshold",
-        metadata=_help("point -> mask: sam (SAM, as the paper) or threshold (the map itself, no weights)"),
+        metadata=_help(
+            "point -> mask: sam (SAM, as the paper), threshold (the map itself, no weights) or guided (the map "
+            "filtered along the image's colour edges, then thresholded; no weights)"
+        ),
+    )
+    threshold_fraction: float = dataclasses.field(
+        default=0.5,
+        metadata=_help(
+            "refiners threshold and guided: keep the pixels whose map value is at least this fraction of the way from the "
+            "map's minimum to its peak, connected to the peak"
+        ),
     )
     sam_checkpoint: str | None = dataclasses.field(
         default=None, metadata=_help("segment-anything checkpoint (.pth); needed by refiner sam")
@@ -118,6 +128,8 @@ class AttendConfig:
             raise ValueError("layers must name at least one decoder layer, or be null for all of them")
         if self.refiner == "sam" and not self.sam_checkpoint:
             raise ValueError("refiner is 'sam' but sam_checkpoint is unset")
+        if not 0.0 <= self.threshold_fraction <= 1.0:
+            raise ValueError(f"threshold_fraction must be in [0, 1], got {self.threshold_fraction}")
         if self.register_tokens < 0:
             raise ValueError(f"register_tokens must be >= 0, got {self.register_tokens}")
         if self.sam_mode != "point" and self.refiner != "sam":

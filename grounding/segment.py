@@ -2,7 +2,9 @@
 response's token maps by subtracting their mean, upsample a phrase's token-grid map bicubically onto the
 original image (inverting the pad-to-square or resize transform the encoder saw), take the argmax pixel as a
 point prompt, and refine it into a binary mask with a registered refiner: ``sam`` (segment-anything's
-``SamPredictor`` from a local checkpoint) or ``threshold`` (no SAM: the thresholded map around the peak).
+``SamPredictor`` from a local checkpoint), ``threshold`` (no SAM: the thresholded map around the peak) or
+``guided`` (no SAM, but the image's edges as SAM uses them: the map filtered by a joint bilateral filter that the
+image guides, then thresholded).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from grounding.config import AttendConfig
 __all__ = [
     "REFINERS",
     "Refiner",
+    "GuidedRefiner",
     "SamRefiner",
     "ThresholdRefiner",
     "argmax_point",
     "build_refiner",
     "component_at",
+    "joint_bilateral",
     "normalize_maps",
     "normalize_response_maps",
     "rows_including_stop",
@@ -255,15 +259,106 @@ class ThresholdRefiner:
         _check_image(image)
         if len(points) != len(maps):
             raise ValueError(f"{len(points)} points but {len(maps)} maps")
-        masks = []
-        for (x, y), upsampled in zip(points, maps, strict=True):
-            values = torch.as_tensor(upsampled, dtype=torch.float32)
+        tensors = [torch.as_tensor(m, dtype=torch.float32) for m in maps]
+        for values in tensors:
             if values.shape != image.shape[:2]:
                 raise ValueError(f"map shape {tuple(values.shape)} does not match image {image.shape[:2]}")
+        masks = []
+        for (x, y), values in zip(points, self.prepare(image, tensors), strict=True):
             low, peak = values.min(), values[y, x]
             region = values >= low + self.fraction * (peak - low)
             masks.append(component_at(region, x, y, self.max_side))
         return masks
+
+    def prepare(self, image: np.ndarray, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The maps the rule thresholds (here the upsampled maps themselves)."""
+        return maps
+
+
+class GuidedRefiner(ThresholdRefiner):
+    """SAM-free refiner that, like SAM, lets the image decide where a mask ends: ``ThresholdRefiner``'s rule on the
+    map after ``joint_bilateral`` filtering guided by the image (Kopf et al., "Joint bilateral upsampling", 2007).
+
+    A bicubic upsampling of a coarse token grid has smooth edges at the scale of a cell (8 px of a 64-px image in
+    the shapes world, 14 of 336 for LLaVA-1.5), so its thresholded region spills over an object's outline on one
+    side and stops short on another; filtered with weights that fall with colour difference, the map's values
+    average within a uniformly coloured region and not across its edge, and the threshold follows the edge.
+    The filter runs at most ``work_side`` pixels on the longer side (the image and maps are resized to it and the
+    filtered maps back), with a window of ``radius`` times that side; ``sigma_colour`` is in RGB units of [0, 1].
+    Measured on the shapes world (README, "Masks that follow the image"): the mean IoU of a mask whose point is on
+    its object 0.55 -> 0.75.
+    """
+
+    def __init__(
+        self,
+        fraction: float = 0.5,
+        radius: float = 0.1,
+        sigma_colour: float = 0.1,
+        iterations: int = 4,
+        work_side: int = 128,
+        max_side: int = 1024,
+    ) -> None:
+        super().__init__(fraction, max_side)
+        if not 0.0 < radius <= 0.5:
+            raise ValueError(f"radius must be in (0, 0.5] of the image's longer side, got {radius}")
+        if sigma_colour <= 0 or iterations < 1 or work_side < 8:
+            raise ValueError(
+                f"need sigma_colour > 0, iterations >= 1, work_side >= 8; got {sigma_colour}, {iterations}, "
+                f"{work_side}"
+            )
+        self.radius, self.sigma_colour = radius, sigma_colour
+        self.iterations, self.work_side = iterations, work_side
+
+    def prepare(self, image: np.ndarray, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not maps:
+            return maps
+        height, width = image.shape[:2]
+        scale = min(1.0, self.work_side / max(height, width))
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        guide = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255.0)[None]
+        stacked = torch.stack(maps)[:, None]
+        if size != (height, width):
+            guide = F.interpolate(guide, size=size, mode="area")
+            stacked = F.interpolate(stacked, size=size, mode="bilinear", align_corners=False)
+        radius = max(1, round(self.radius * max(size)))
+        filtered = joint_bilateral(stacked[:, 0], guide[0], radius, self.sigma_colour, self.iterations)
+        if size != (height, width):
+            filtered = F.interpolate(
+                filtered[:, None], size=(height, width), mode="bilinear", align_corners=False
+            )[:, 0]
+        return list(filtered)
+
+
+def joint_bilateral(
+    maps: torch.Tensor, guide: torch.Tensor, radius: int, sigma_colour: float, iterations: int = 1
+) -> torch.Tensor:
+    """``maps`` ``(N, H, W)`` filtered ``iterations`` times by the joint bilateral filter of ``guide`` ``(C, H, W)``:
+    each pixel becomes the mean of the pixels within ``radius`` (a square window, borders replicated), weighted
+    ``exp(-d^2 / 2 radius^2) * exp(-|g_p - g_q|^2 / 2 sigma_colour^2)`` by their distance ``d`` and the
+    difference of their guide values."""
+    if maps.ndim != 3 or guide.ndim != 3 or maps.shape[1:] != guide.shape[1:]:
+        raise ValueError(
+            f"maps (N, H, W) and guide (C, H, W) must share H, W; got {tuple(maps.shape)}, "
+            f"{tuple(guide.shape)}"
+        )
+    n, height, width = maps.shape
+    size = 2 * radius + 1
+    pad = (radius, radius, radius, radius)
+
+    def windows(x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, size * size, H * W)
+        cols = F.unfold(F.pad(x, pad, mode="replicate"), size)
+        return cols.view(x.shape[0], x.shape[1], size * size, height * width)
+
+    centre = guide.reshape(guide.shape[0], 1, height * width)
+    colour = ((windows(guide[None].float())[0] - centre) ** 2).sum(0)  # (K, H * W)
+    offsets = torch.arange(size, dtype=torch.float32) - radius
+    distance = (offsets[:, None] ** 2 + offsets[None, :] ** 2).reshape(-1, 1)
+    weights = torch.exp(-colour / (2 * sigma_colour**2) - distance / (2 * radius**2))
+    weights = weights / weights.sum(0)  # the centre's own weight is 1, so the sum is never 0
+    out = maps.float()
+    for _ in range(iterations):
+        out = (windows(out[:, None])[:, 0] * weights).sum(1).view(n, height, width)
+    return out
 
 
 def component_at(region: torch.Tensor, x: int, y: int, max_side: int = 1024) -> np.ndarray:
@@ -292,7 +387,7 @@ def component_at(region: torch.Tensor, x: int, y: int, max_side: int = 1024) -> 
 
 
 REFINERS: Mapping[str, Callable[..., Refiner]] = MappingProxyType(
-    {"sam": SamRefiner, "threshold": ThresholdRefiner}
+    {"sam": SamRefiner, "threshold": ThresholdRefiner, "guided": GuidedRefiner}
 )
 
 
@@ -305,5 +400,7 @@ def build_refiner(config: AttendConfig, device: str | torch.device = "cpu") -> R
             raise ValueError("sam_mode/more_masks need grounding.sam_prompts.refiner_from_config")
         return SamRefiner(checkpoint=config.sam_checkpoint, model_type=config.sam_type, device=device)
     if config.refiner == "threshold":
-        return ThresholdRefiner()
+        return ThresholdRefiner(fraction=config.threshold_fraction)
+    if config.refiner == "guided":
+        return GuidedRefiner(fraction=config.threshold_fraction)
     raise ValueError(f"unknown refiner {config.refiner!r}; choose from {sorted(REFINERS)}")

@@ -1,7 +1,7 @@
 """Tests for grounding.segment: mean normalisation, pad-aware upsampling geometry on non-square images
 against hand-computed pixel positions, argmax points, the SAM refiner on a tiny random segment-anything
-model (checked against calling SamPredictor directly), its loading errors, and the threshold refiner on a
-synthetic Gaussian blob.
+model (checked against calling SamPredictor directly), its loading errors, the threshold refiner on a
+synthetic Gaussian blob, and the guided refiner's filter against a per-pixel loop and on a drawn square.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from grounding import config
 from grounding.config import AttendConfig
 from grounding.segment import (
     REFINERS,
+    GuidedRefiner,
     SamRefiner,
     ThresholdRefiner,
     argmax_point,
     build_refiner,
+    joint_bilateral,
     normalize_maps,
     upsample_map,
 )
@@ -192,11 +194,103 @@ def test_threshold_refiner_labels_a_large_photo_at_bounded_resolution(monkeypatc
 
 
 def test_registry_is_read_only_and_matches_the_settings_schema():
-    assert set(REFINERS) == set(config.REFINERS) == {"sam", "threshold"}
+    assert set(REFINERS) == set(config.REFINERS) == {"sam", "threshold", "guided"}
     with pytest.raises(TypeError):
         REFINERS["other"] = ThresholdRefiner  # type: ignore[index]
     with pytest.raises(ValueError, match="sam_checkpoint is unset"):
         AttendConfig(refiner="sam")
+
+
+# -- guided refiner ---------------------------------------------------------------------------------------
+
+
+def _joint_bilateral_loop(maps: np.ndarray, guide: np.ndarray, radius: int, sigma: float) -> np.ndarray:
+    """One pass of the joint bilateral filter pixel by pixel, from its definition (the reference)."""
+    _, height, width = maps.shape
+    out = np.zeros_like(maps)
+    for y in range(height):
+        for x in range(width):
+            total, acc = 0.0, np.zeros(maps.shape[0])
+            for dy in range(-radius, radius + 1):
+                for dx in range(-radius, radius + 1):
+                    qy, qx = (
+                        min(max(y + dy, 0), height - 1),
+                        min(max(x + dx, 0), width - 1),
+                    )  # replicated border
+                    colour = ((guide[:, qy, qx] - guide[:, y, x]) ** 2).sum()
+                    w = math.exp(-colour / (2 * sigma**2) - (dy * dy + dx * dx) / (2 * radius**2))
+                    total += w
+                    acc += w * maps[:, qy, qx]
+            out[:, y, x] = acc / total
+    return out
+
+
+def test_joint_bilateral_equals_the_per_pixel_definition():
+    generator = torch.Generator().manual_seed(0)
+    maps, guide = torch.rand(2, 9, 11, generator=generator), torch.rand(3, 9, 11, generator=generator)
+    once = joint_bilateral(maps, guide, radius=2, sigma_colour=0.3)
+    expected = _joint_bilateral_loop(maps.double().numpy(), guide.double().numpy(), 2, 0.3)
+    np.testing.assert_allclose(once.numpy(), expected, rtol=1e-5, atol=1e-6)
+    twice = joint_bilateral(maps, guide, radius=2, sigma_colour=0.3, iterations=2)
+    expected = _joint_bilateral_loop(expected, guide.double().numpy(), 2, 0.3)
+    np.testing.assert_allclose(twice.numpy(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="must share H, W"):
+        joint_bilateral(maps, guide[:, :8], radius=2, sigma_colour=0.3)
+
+
+def _square_scene(size: int, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """A red square on grey and the bicubic upsampling of an 8 x 8 map whose peak cell holds the square's
+    centre: the situation of a shapes-world phrase (an object smaller than a few cells)."""
+    x0, y0, x1, y1 = box
+    image = np.full((size, size, 3), 128, dtype=np.uint8)
+    image[y0:y1, x0:x1] = (220, 30, 30)
+    truth = np.zeros((size, size), dtype=bool)
+    truth[y0:y1, x0:x1] = True
+    coarse = torch.zeros(8, 8)
+    cell = size // 8
+    cy, cx = (y0 + y1) // 2 // cell, (x0 + x1) // 2 // cell
+    coarse[cy, cx] = 1.0
+    coarse[cy, cx + 1] = coarse[cy + 1, cx] = 0.5  # attention leaking onto neighbouring cells
+    return image, truth, upsample_map(coarse, (size, size), aspect="resize")
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+@pytest.mark.parametrize("size", [64, 256])  # 256: filtered at the 128-px working size and resized back
+def test_guided_refiner_follows_the_object_edge_where_the_threshold_spills(size):
+    scale = size // 64
+    image, truth, upsampled = _square_scene(size, (22 * scale, 18 * scale, 36 * scale, 31 * scale))
+    point = argmax_point(upsampled)
+    assert truth[point[1], point[0]]
+    (plain,) = ThresholdRefiner()(image, [point], [upsampled])
+    (guided,) = build_refiner(AttendConfig(refiner="guided"))(image, [point], [upsampled])
+    assert guided.shape == truth.shape and guided.dtype == bool
+    assert _iou(plain, truth) < 0.75  # the coarse map's half-height region misses the square's outline
+    assert _iou(guided, truth) > 0.9
+
+
+def test_guided_refiner_on_a_flat_image_blurs_the_map_around_its_peak():
+    """With no edges in the image the filter is a plain Gaussian blur: the region grows evenly around the peak."""
+    height, width = 60, 80
+    upsampled = _gaussian(height, width, 40, 30, 6.0)
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    (mask,) = GuidedRefiner()(image, [(40, 30)], [upsampled])
+    (plain,) = ThresholdRefiner()(image, [(40, 30)], [upsampled])
+    assert mask.sum() > plain.sum() and (mask | plain).sum() == mask.sum()
+    np.testing.assert_array_equal(mask[:, 1:], mask[:, 1:][:, ::-1])  # symmetric about x = 40
+    np.testing.assert_array_equal(mask[1:], mask[1:][::-1])  # and about y = 30
+
+
+def test_guided_refiner_settings_are_checked():
+    assert build_refiner(AttendConfig(refiner="guided", threshold_fraction=0.7)).fraction == 0.7
+    with pytest.raises(ValueError, match="threshold_fraction must be in"):
+        AttendConfig(threshold_fraction=1.5)
+    with pytest.raises(ValueError, match="radius"):
+        GuidedRefiner(radius=0.0)
+    with pytest.raises(ValueError, match="sigma_colour"):
+        GuidedRefiner(iterations=0)
 
 
 # -- SAM --------------------------------------------------------------------------------------------------
