@@ -412,7 +412,8 @@ def test_describe_last_moves_the_description_after_the_questions_and_keeps_the_r
 
 def test_sentence_answers_restate_the_asked_object_and_end_with_the_short_answer(tmp_path):
     """answer_style=sentence: the same questions (same draws), each answer the short answer after the object the
-    question names; chance levels still count the short answers; the tokenizer knows every sentence."""
+    question names (existence: "is there" / "is not there" after it); chance levels still count the short
+    answers; the tokenizer knows every sentence."""
     from datamodules.shapes import _instruct_sample
 
     short_style = dataclasses.replace(TINY, n_instruct=120, answer_style="short")
@@ -430,7 +431,7 @@ def test_sentence_answers_restate_the_asked_object_and_end_with_the_short_answer
             if slot in ("yes", "no"):
                 kind = "exist"
                 subject = re.fullmatch(r"Is there an? (\w+ \w+)\?", question).group(1)
-                expected = f"{slot.capitalize()}, there is {'no' if slot == 'no' else 'an?'} {subject}."
+                expected = f"An? {subject} is {'not ' if slot == 'no' else ''}there."
             elif question.startswith("How many"):
                 kind, expected = (
                     "count",
@@ -495,7 +496,10 @@ def test_val_qa_answers_agree_with_the_images(world):
         pixels = np.asarray(Image.open(world / q["image"]).convert("RGB"))
         present = {c for c, rgb in COLOUR_RGB.items() if (pixels == rgb).all(-1).any()}
         short = q["short_answer"]
-        assert short.rstrip(".").lower() in q["answer"].lower()  # the sentence holds the short answer
+        if q["kind"] == "exist":  # the sentence says it after the object
+            assert q["answer"].endswith({"Yes.": " is there.", "No.": " is not there."}[short])
+        else:
+            assert short.rstrip(".").lower() in q["answer"].lower()  # the sentence holds the short answer
         if q["kind"] == "count":
             # Same-coloured shapes never touch, so each shape is one connected blob of its colour.
             blobs = sum(
