@@ -283,10 +283,13 @@ class GuidedRefiner(ThresholdRefiner):
     the shapes world, 14 of 336 for LLaVA-1.5), so its thresholded region spills over an object's outline on one
     side and stops short on another; filtered with weights that fall with colour difference, the map's values
     average within a uniformly coloured region and not across its edge, and the threshold follows the edge.
-    The filter runs at most ``work_side`` pixels on the longer side (the image and maps are resized to it and the
-    filtered maps back), with a window of ``radius`` times that side; ``sigma_colour`` is in RGB units of [0, 1].
+    The filter runs at most ``work_side`` pixels on the longer side (the image and maps are resized to it), with a
+    window of ``radius`` times that side; ``sigma_colour`` is in RGB units of [0, 1]. Maps filtered at a reduced
+    size are resized back and get ``edge_passes`` more passes at full resolution with a 2-px radius, which put
+    their edges back on the image's pixels. The cost grows with the fourth power of ``work_side`` (window and
+    image both grow): 64 px filters a shapes image's two maps in about 20 ms on one core, 128 px in 1 s.
     Measured on the shapes world (README, "Masks that follow the image"): the mean IoU of a mask whose point is on
-    its object 0.55 -> 0.75.
+    its object 0.55 -> 0.93 on one seed, 0.44 -> 0.89 on another.
     """
 
     def __init__(
@@ -295,19 +298,20 @@ class GuidedRefiner(ThresholdRefiner):
         radius: float = 0.1,
         sigma_colour: float = 0.1,
         iterations: int = 4,
-        work_side: int = 128,
+        work_side: int = 64,
+        edge_passes: int = 2,
         max_side: int = 1024,
     ) -> None:
         super().__init__(fraction, max_side)
         if not 0.0 < radius <= 0.5:
             raise ValueError(f"radius must be in (0, 0.5] of the image's longer side, got {radius}")
-        if sigma_colour <= 0 or iterations < 1 or work_side < 8:
+        if sigma_colour <= 0 or iterations < 1 or work_side < 8 or edge_passes < 0:
             raise ValueError(
-                f"need sigma_colour > 0, iterations >= 1, work_side >= 8; got {sigma_colour}, {iterations}, "
-                f"{work_side}"
+                f"need sigma_colour > 0, iterations >= 1, work_side >= 8, edge_passes >= 0; got {sigma_colour}, "
+                f"{iterations}, {work_side}, {edge_passes}"
             )
         self.radius, self.sigma_colour = radius, sigma_colour
-        self.iterations, self.work_side = iterations, work_side
+        self.iterations, self.work_side, self.edge_passes = iterations, work_side, edge_passes
 
     def prepare(self, image: np.ndarray, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         if not maps:
@@ -326,6 +330,9 @@ class GuidedRefiner(ThresholdRefiner):
             filtered = F.interpolate(
                 filtered[:, None], size=(height, width), mode="bilinear", align_corners=False
             )[:, 0]
+            if self.edge_passes:
+                full = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255.0)
+                filtered = joint_bilateral(filtered, full, 2, self.sigma_colour, self.edge_passes)
         return list(filtered)
 
 

@@ -258,7 +258,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / (a | b).sum())
 
 
-@pytest.mark.parametrize("size", [64, 256])  # 256: filtered at the 128-px working size and resized back
+@pytest.mark.parametrize("size", [64, 256])  # 256: filtered at the 64-px working size, then edge passes
 def test_guided_refiner_follows_the_object_edge_where_the_threshold_spills(size):
     scale = size // 64
     image, truth, upsampled = _square_scene(size, (22 * scale, 18 * scale, 36 * scale, 31 * scale))
@@ -291,6 +291,8 @@ def test_guided_refiner_settings_are_checked():
         GuidedRefiner(radius=0.0)
     with pytest.raises(ValueError, match="sigma_colour"):
         GuidedRefiner(iterations=0)
+    with pytest.raises(ValueError, match="edge_passes"):
+        GuidedRefiner(edge_passes=-1)
 
 
 # -- SAM --------------------------------------------------------------------------------------------------
