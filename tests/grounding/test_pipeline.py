@@ -154,6 +154,9 @@ def test_layer_selection_reaches_the_pipeline(trained_run, tiny_world):
 
     model = load_model(argparse.Namespace(run=trained_run, device="cpu")).model
     n_layers = model.language_model.config.num_hidden_layers
+    # A stop id no step can produce: every response is max_new_tokens long, whatever this 60-step model says first
+    # (when it stopped at once, the maps were empty and the comparisons below held for nothing).
+    model.stop_token_ids = [model.language_model.config.vocab_size]
     image = Image.open(sorted((tiny_world / "val" / "images").iterdir())[0])
 
     def token_maps(layers):
@@ -162,6 +165,7 @@ def test_layer_selection_reaches_the_pipeline(trained_run, tiny_world):
         return pipeline([image])[0].token_maps
 
     every = token_maps(None)
+    assert every.shape[0] == 8
     assert torch.equal(token_maps(list(range(n_layers))), every), "listing every layer is the default"
     assert not torch.allclose(token_maps([n_layers - 1]), every), "one layer alone differs from the mean"
 
