@@ -258,14 +258,21 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / (a | b).sum())
 
 
-@pytest.mark.parametrize("size", [64, 256])  # 256: filtered at the 64-px working size, then edge passes
-def test_guided_refiner_follows_the_object_edge_where_the_threshold_spills(size):
+@pytest.mark.parametrize(
+    ("size", "max_side"),
+    [
+        (64, 1024),
+        (256, 1024),
+        (512, 256),
+    ],  # 256: filtered at 64 px, then edge passes; 512: edge passes at 256 px
+)
+def test_guided_refiner_follows_the_object_edge_where_the_threshold_spills(size, max_side):
     scale = size // 64
     image, truth, upsampled = _square_scene(size, (22 * scale, 18 * scale, 36 * scale, 31 * scale))
     point = argmax_point(upsampled)
     assert truth[point[1], point[0]]
     (plain,) = ThresholdRefiner()(image, [point], [upsampled])
-    (guided,) = build_refiner(AttendConfig(refiner="guided"))(image, [point], [upsampled])
+    (guided,) = GuidedRefiner(max_side=max_side)(image, [point], [upsampled])
     assert guided.shape == truth.shape and guided.dtype == bool
     assert _iou(plain, truth) < 0.75  # the coarse map's half-height region misses the square's outline
     assert _iou(guided, truth) > 0.9
