@@ -414,11 +414,8 @@ def make_question(
         # The object first, the answer after it, as in every other restated answer: a 3-layer LLM decides a
         # leading "Yes"/"No" no better than chance, but "... is" / "... is not" right after restating the object
         # (README, "Existence answered after the object").
-        article = _article(colour)
-        if exists:
-            answer = reply("yes", f"{article} {colour} {shape_kind} is there")
-        else:
-            answer = reply("no", f"{article} {colour} {shape_kind} is not there")
+        where = "there" if exists else "not there"
+        answer = reply("yes" if exists else "no", f"{_article(colour)} {colour} {shape_kind} is {where}")
     elif kind == "position":
         target = _pick(rng, shapes)
         question = f"Where is the {target.colour} {target.kind}?"
