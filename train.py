@@ -8,7 +8,9 @@ same command resumes: a finished stage is loaded and skipped, an unfinished one 
 ``last.ckpt``. The config is read and checked completely before anything is written or imported beyond it:
 the schema checks every value, relative paths are made absolute (``lmm.run_paths``: the run directory then
 works from any folder), ``lmm.preflight`` checks what the paths point at, and ``lmm.run_binding`` refuses a
-rerun whose config would change what the run already trained. Each problem is one line; the exit status is 2.
+rerun whose config would change what the run already trained, ``lmm.run_tokenizer`` one whose tokenizer folder
+no longer holds the vocabulary the run trained over (the run keeps a copy). Each problem is one line; the exit
+status is 2.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmm.preflight import preflight
     from lmm.run_binding import RunBindingError, check_run_binding, is_launch_rank_zero, record_invocation
     from lmm.run_paths import resolve_config_paths
+    from lmm.run_tokenizer import TokenizerMismatch, check_run_tokenizer, snapshot_tokenizer
 
     try:
         config = resolve_config_paths(load_config(args.config, args.overrides), Path.cwd())
@@ -82,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         binding = check_run_binding(config)
-    except RunBindingError as err:
+        check_run_tokenizer(config)
+    except (RunBindingError, TokenizerMismatch) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
@@ -116,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
 
         ensure_world(config.data.shapes, Path(config.data.root))
         prepared.append({"stage": "world", "seconds": round(time.perf_counter() - start, 1)})
+    try:  # again: a world regenerated just now may have other words than the run trained with
+        check_run_tokenizer(config)
+    except TokenizerMismatch as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if rank_zero:
+        snapshot_tokenizer(config)
     # In-world pretrained visual towers (encoder.pretrain): trained once into the tower cache, then reused.
     from lmm.towers import ensure_towers
 

@@ -8,17 +8,20 @@ folder, so a restarted or requeued job picks up its own checkpoints):
     checkpoints/<stage>/hpc_ckpt_<n>.ckpt   a SLURM requeue checkpoint (superseded by last.ckpt at stage end)
     tensorboard/<stage>/              TensorBoard logs
     init/                             initial weights unpacked from init.llava_hf (clip/, llm/, projector)
+    tokenizer/                        the run's copy of llm.tokenizer, for a LLM built from scratch
     grounding/metrics.json            the grounding evaluation's history
     samples/<stage>/rank<r>.jsonl     consumed sample keys (data.record_samples)
     history.jsonl                     one line per invocation of train.py: when, how, which keys changed
     train.log, qa_eval.json, summary.json
 
 ``load_run`` rebuilds the model from the config (frozen weights from their files or seeds) and replays the
-stages in order, configuring each and loading its trainable weights (``weights_only=True``).
+stages in order, configuring each and loading its trainable weights (``weights_only=True``); a LLM built from
+scratch is built over the run's own tokenizer copy (``lmm.run_tokenizer``), not the data folder's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -73,6 +76,11 @@ class RunDir:
         """Initial weights unpacked from outside the project (``init.llava_hf``)."""
         return self.path / "init"
 
+    @property
+    def tokenizer_dir(self) -> Path:
+        """The run's copy of the tokenizer its LLM was trained over (``lmm.run_tokenizer``)."""
+        return self.path / "tokenizer"
+
     def checkpoint_dir(self, stage: str) -> Path:
         return self.path / "checkpoints" / stage
 
@@ -118,13 +126,25 @@ class RunDir:
             tmp.unlink(missing_ok=True)
 
 
+def owns_tokenizer(config: TrainConfig) -> bool:
+    """Whether the run's vocabulary comes from a data folder, not from a released LLM's own files."""
+    return config.llm.path is None and config.llm.tokenizer is not None
+
+
+def with_run_tokenizer(config: TrainConfig, run: RunDir) -> TrainConfig:
+    """``config`` building its LLM over the run's own tokenizer copy, where the run has one."""
+    if not owns_tokenizer(config) or not run.tokenizer_dir.is_dir():
+        return config
+    return dataclasses.replace(config, llm=dataclasses.replace(config.llm, tokenizer=str(run.tokenizer_dir)))
+
+
 def load_trained_stages(config: TrainConfig, run: RunDir, stages: list[str]) -> tuple[LMM, list[str]]:
     """A model built from ``config`` with the trained weights of ``stages`` (in order, up to the first without
     ``last.ckpt``) loaded, each stage configured before its weights go in; returns it and the stages loaded."""
     from lmm.build import build_model
     from lmm.checkpoint_io import load_stage_weights
 
-    model = build_model(config, run.init_dir)
+    model = build_model(with_run_tokenizer(config, run), run.init_dir)
     loaded = []
     for name in stages:
         path = run.last_checkpoint(name)

@@ -137,6 +137,66 @@ def test_the_saved_config_names_every_path_absolutely(trained):
     assert saved["stages"]["pretrain"]["data"] == "pretrain", "relative to data.root by design"
 
 
+def _tokenizer_with_another_word(source: Path, dest: Path) -> Path:
+    """A copy of the word tokenizer folder ``source`` with one word more, as a world regenerated with a new
+    colour or wording writes it: the vocabulary grows and the embeddings' shape with it."""
+    shutil.copytree(source, dest)
+    data = json.loads((dest / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["zebra"] = max(vocab.values()) + 1 + len(data.get("added_tokens", []))
+    (dest / "tokenizer.json").write_text(json.dumps(data))
+    return dest
+
+
+def test_a_run_keeps_a_copy_of_the_tokenizer_it_trained_over(trained):
+    world = trained.work / "world" / "tokenizer"
+    copy = RunDir(trained.run).tokenizer_dir
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in world.iterdir())
+    assert all((copy / p.name).read_bytes() == p.read_bytes() for p in world.iterdir())
+
+
+def test_a_run_loads_over_its_own_tokenizer_after_the_worlds_changed(trained, tmp_path):
+    """A run read its vocabulary from the data folder: once the world was regenerated with other words, its
+    checkpoint (embeddings of the old size) no longer loaded. It loads over its own copy."""
+    from transformers import AutoTokenizer
+
+    run = _copy(trained, tmp_path, "oldworld")
+    changed = _tokenizer_with_another_word(trained.work / "world" / "tokenizer", tmp_path / "newtok")
+    assert (
+        len(AutoTokenizer.from_pretrained(changed))
+        == len(AutoTokenizer.from_pretrained(run / "tokenizer")) + 1
+    )
+    data = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
+    data["llm"]["tokenizer"] = str(changed)
+    OmegaConf.save(OmegaConf.create(data), run / "config.yaml")
+    model, _ = load_run(run)
+    assert model.llm.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(run / "tokenizer").get_vocab()
+    weights = read_checkpoint(RunDir(run).last_checkpoint("instruct"))["state_dict"]
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[k], v) for k, v in weights.items())
+
+
+def test_continuing_a_run_over_a_changed_tokenizer_stops_and_changes_nothing(
+    trained, tmp_path, monkeypatch, capsys
+):
+    """The same folder with other words (a regenerated world): training on would encode the data with ids the
+    run's embeddings never saw. One line naming the folder and the file; the run directory is untouched."""
+    work = tmp_path / "work"
+    shutil.copytree(trained.work / "world", work / "world", symlinks=False)
+    shutil.rmtree(work / "world" / "tokenizer")
+    _tokenizer_with_another_word(trained.work / "world" / "tokenizer", work / "world" / "tokenizer")
+    run = _copy(trained, work / "runs", "t")
+    text = (run / "config.yaml").read_text().replace(str(trained.work), str(work))
+    (run / "config.yaml").write_text(text)
+    before = _snapshot(run)
+    monkeypatch.chdir(work)
+    assert train.main(trained.args + ["runs_dir=runs", "run_name=t", "stages.instruct.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"llm.tokenizer {work / 'world' / 'tokenizer'} differs" in err and "tokenizer.json" in err, err
+    assert _snapshot(run) == before
+
+
 def _demo(run: Path, image: Path, cwd: Path) -> tuple[str, list[logging.LogRecord], dict]:
     """``python -m grounding demo --run <absolute run> --image <image> --out demo`` run in folder ``cwd``, no
     settings given: what it printed, its log records and its result.json."""
