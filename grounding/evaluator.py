@@ -112,6 +112,9 @@ class GroundingEvaluator:
             r = results.get(iid)
             description.update(data.gt.images[iid].labels, r.phrases if r else [])
         metrics["description"] = float(description.compute())
+        for error, share in description.breakdown().items():  # why the wrong ones are wrong
+            if error != "right":
+                metrics[f"description_miss_{error}"] = share
         metrics["phrases_per_image"] = (
             float(np.mean([len(r.phrases) for r in results.values()])) if results else 0.0
         )

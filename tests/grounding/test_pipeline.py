@@ -48,10 +48,15 @@ def test_callback_logs_grounding_for_both_stages(trained_run):
         # it negative.
         misses = [h[f"pointing_miss_{r}"] for r in ("other_object", "elsewhere", "unpaired")]
         assert all(0.0 <= m <= 1.0 for m in misses)
+        shares = [h["description"]] + [
+            h[f"description_miss_{e}"] for e in ("missed", "invented", "attributes")
+        ]
+        assert all(0.0 <= s <= 1.0 for s in shares) and sum(shares) == pytest.approx(1.0)
     acc = EventAccumulator(str(trained_run / "tensorboard" / "instruct"), size_guidance={"images": 10})
     acc.Reload()
     assert [e.step for e in acc.Scalars("grounding/recall")] == [15, 30]
     assert [e.step for e in acc.Scalars("grounding/pointing_miss_other_object")] == [15, 30]
+    assert [e.step for e in acc.Scalars("grounding/description_miss_missed")] == [15, 30]
     assert "grounding/overlay_0" in acc.Tags()["images"]
 
 
