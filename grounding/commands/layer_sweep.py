@@ -53,9 +53,11 @@ def sweep(
     limit: int | None,
     device: str | None,
     options: argparse.Namespace | None = None,
+    description_words: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Records of the run's grounding evaluation per layer setting; ``limit`` 0: every image; ``options``: the
-    attend-and-segment options given (``add_attend_arguments``), applied over the run's own settings."""
+    attend-and-segment options given (``add_attend_arguments``), applied over the run's own settings;
+    ``description_words``: ``["world"]`` or words that replace the run's ``grounding.description_words``."""
     if limit is not None and limit < 0:
         raise SystemExit(f"error: --limit must be >= 0 (0: every image), got {limit}")
     try:
@@ -69,8 +71,14 @@ def sweep(
         grounding = dataclasses.replace(grounding, **dataclasses.asdict(settings))
     if limit is not None:
         grounding = dataclasses.replace(grounding, limit=limit or None)
+    if description_words is not None:
+        words = description_words[0] if description_words == ["world"] else description_words
+        grounding = dataclasses.replace(grounding, description_words=words)
     print(f"settings: {describe(grounding.attend_settings())}; images: {grounding.limit or 'all'}")
-    evaluator = GroundingEvaluator(grounding, Path(config.data.root))
+    try:
+        evaluator = GroundingEvaluator(grounding, Path(config.data.root))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     model = loaded.model
     n_layers = model.language_model.config.num_hidden_layers
     settings = parse_sets(sets, n_layers)
@@ -119,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=None, help="JSON records (default: RUN/grounding/layers.json)"
     )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--description-words",
+        nargs="+",
+        default=None,
+        metavar="WORD",
+        help="words that decide whether a description is right ('world': the shapes world's colours and "
+        "kinds; default: the run's grounding.description_words)",
+    )
     add_attend_arguments(parser, "the run's grounding settings", exclude=("layers",))
     args = parser.parse_args(argv)
     out = args.out or args.run / "grounding" / "layers.json"
@@ -129,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         probe.unlink()
     except OSError as err:
         raise SystemExit(f"error: cannot write {out} ({err.strerror}); pass --out") from None
-    records = sweep(args.run, args.sets, args.limit, args.device, args)
+    records = sweep(args.run, args.sets, args.limit, args.device, args, args.description_words)
     print(format_table(records))
     out.write_text(json.dumps(records, indent=1) + "\n")
     print(f"wrote {out}")

@@ -1,0 +1,29 @@
+"""``grounding.description_words``: ``world`` reads the shapes world's colours and kinds (grounding.evaluator)."""
+
+import json
+
+import pytest
+
+from grounding.evaluator import description_vocabulary
+
+
+def test_world_means_the_colours_and_kinds_the_world_was_generated_with(tiny_world):
+    config = json.loads((tiny_world / "world.json").read_text())["config"]
+    words = description_vocabulary("world", tiny_world)
+    assert words == [*config["colours"], *config["kinds"]]
+    assert "red" in words and "circle" in words and "small" not in words, "sizes do not decide a description"
+
+
+def test_a_list_or_null_is_kept(tmp_path):
+    assert description_vocabulary(["red", "circle"], tmp_path) == ["red", "circle"]
+    assert description_vocabulary(None, tmp_path) is None
+
+
+def test_a_world_without_its_summary_or_colours_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"world needs the shapes world's .*world\.json .*FileNotFoundError"):
+        description_vocabulary("world", tmp_path)
+    (tmp_path / "world.json").write_text(json.dumps({"config": {"colours": ["red"]}}))
+    with pytest.raises(ValueError, match=r"naming config.colours and config.kinds \(KeyError"):
+        description_vocabulary("world", tmp_path)
+    with pytest.raises(ValueError, match=r"expected 'world', a list of words or null"):
+        description_vocabulary("planet", tmp_path)
