@@ -21,7 +21,7 @@ from PIL import Image
 from grounding.attend import AttendAndSegment, GroundedResponse
 from grounding.coco_io import GCGGroundTruth, load_gcg_ground_truth, rle_area
 from grounding.config import GroundingEvalConfig
-from grounding.description import DescriptionAccuracy
+from grounding.description import DescriptionAccuracy, phrase_key
 from grounding.evaluate import evaluate_gcg
 from grounding.metrics import PhrasePointingAccuracy
 from grounding.protocol import GroundableModel
@@ -99,6 +99,20 @@ class GroundingEvaluator:
         self._data: GroundingSet | None = None
         self._similarity = None
         self._refiner = None
+
+    def description_words_problem(self) -> str | None:
+        """A line saying why the description vocabulary cannot judge this set (it names no word of any
+        ground-truth phrase, so every description would count as right), or None. Loads the set."""
+        if self.description_words is None:
+            return None
+        words = {w.lower() for w in self.description_words}
+        labels = [label for iid in self.data.gt.eval_ids for label in self.data.gt.images[iid].labels]
+        if any(phrase_key(label, words) for label in labels):
+            return None
+        return (
+            f"the description words {sorted(words)} name no word of the ground-truth phrases in {self.folder} "
+            "(every description would count as right); expected 'world' or words such as the phrases' colours"
+        )
 
     @property
     def data(self) -> GroundingSet:

@@ -79,6 +79,9 @@ def sweep(
         evaluator = GroundingEvaluator(grounding, Path(config.data.root))
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    problem = evaluator.description_words_problem()
+    if problem is not None:
+        raise SystemExit(f"error: {problem}")
     model = loaded.model
     n_layers = model.language_model.config.num_hidden_layers
     settings = parse_sets(sets, n_layers)

@@ -278,6 +278,28 @@ def test_a_run_written_with_relative_paths_loads_from_any_folder(trained, tmp_pa
     assert all(torch.equal(params[k], v) for k, v in weights.items())
 
 
+def test_layer_sweep_judges_descriptions_by_the_words_it_is_given(trained, tmp_path):
+    """``--description-words world`` re-evaluates a run with the world's colours and kinds: never stricter than
+    whole phrases (the run's setting), its error bins and right share sum to 1; words that name nothing in the
+    ground truth would count every description right, and stop the sweep."""
+    from grounding.commands import layer_sweep
+
+    def sweep(*extra: str) -> dict:
+        out = tmp_path / f"sweep{len(list(tmp_path.iterdir()))}.json"
+        assert layer_sweep.main(["--run", str(trained.run), "--sets", "all", "--out", str(out), *extra]) == 0
+        (record,) = json.loads(out.read_text())
+        return record
+
+    whole, world = sweep(), sweep("--description-words", "world")
+    assert world["description"] >= whole["description"]
+    for record in (whole, world):
+        bins = [record[f"description_miss_{e}"] for e in ("missed", "invented", "attributes")]
+        assert sum(bins) + record["description"] == pytest.approx(1.0)
+    assert world["pointing"] == whole["pointing"], "only the description is judged differently"
+    with pytest.raises(SystemExit, match=r"description words \['planet'\] name no word of the ground-truth"):
+        layer_sweep.main(["--run", str(trained.run), "--sets", "all", "--description-words", "planet"])
+
+
 def test_layer_sweep_on_a_run_it_cannot_write_stops_before_any_work(trained, tmp_path, monkeypatch):
     """Issue 16, case 8: ``layer-sweep`` computed everything, then failed writing into a read-only run. Now
     the output is probed first; the sweep never starts. (Tests run as root, whom permissions do not stop: the
