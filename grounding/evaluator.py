@@ -10,7 +10,6 @@ the training callback and by ``python -m grounding layer-sweep``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,11 +69,15 @@ def description_vocabulary(words: str | Sequence[str] | None, data_root: Path) -
         raise ValueError(
             f"grounding.description_words = {words!r}: expected 'world', a list of words or null"
         )
+    from datamodules.shapes import load_world_summary
+
     path = Path(data_root) / "world.json"
+    summary = load_world_summary(data_root)
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))["config"]
-        vocabulary = [*config["colours"], *config["kinds"]]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        if summary is None:
+            raise FileNotFoundError("missing or not JSON")
+        vocabulary = [*summary["config"]["colours"], *summary["config"]["kinds"]]
+    except (FileNotFoundError, KeyError, TypeError) as err:
         raise ValueError(
             f"grounding.description_words: world needs the shapes world's {path} naming config.colours and "
             f"config.kinds ({type(err).__name__}: {err})"

@@ -12,6 +12,7 @@ training a run whose tokenizer folder no longer matches the copy (its data would
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 from pathlib import Path
@@ -26,15 +27,11 @@ class TokenizerMismatch(Exception):
 
 def differing_files(source: Path, copy: Path) -> list[str]:
     """Names of the files that are in one folder and not the other, or differ in content."""
-    names = {p.name for p in source.iterdir() if p.is_file()} | {
-        p.name for p in copy.iterdir() if p.is_file()
-    }
-    return sorted(
-        n
-        for n in names
-        if not ((source / n).is_file() and (copy / n).is_file())
-        or (source / n).read_bytes() != (copy / n).read_bytes()
+    names = sorted(
+        {p.name for p in source.iterdir() if p.is_file()} | {p.name for p in copy.iterdir() if p.is_file()}
     )
+    _, mismatch, missing = filecmp.cmpfiles(source, copy, names, shallow=False)
+    return sorted(mismatch + missing)
 
 
 def check_run_tokenizer(config: TrainConfig) -> None:
@@ -56,11 +53,10 @@ def check_run_tokenizer(config: TrainConfig) -> None:
 
 
 def snapshot_tokenizer(config: TrainConfig) -> None:
-    """Copy ``llm.tokenizer`` into the run directory (once, atomically; one process of a job), after checking an
-    existing copy."""
+    """Copy ``llm.tokenizer`` into the run directory (once, atomically; one process of a job). An existing copy
+    is kept: ``check_run_tokenizer`` says whether the folder still matches it."""
     if not owns_tokenizer(config):
         return
-    check_run_tokenizer(config)
     run = RunDir(config.run_dir)
     if run.tokenizer_dir.is_dir():
         return

@@ -7,10 +7,17 @@ import pytest
 from grounding.evaluator import description_vocabulary
 
 
-def test_world_means_the_colours_and_kinds_the_world_was_generated_with(tiny_world):
-    config = json.loads((tiny_world / "world.json").read_text())["config"]
+def test_world_means_the_colours_and_kinds_the_world_was_generated_with(tiny_world, tmp_path):
+    from datamodules.shapes import ShapesWorldConfig, generate_world
+
+    default = ShapesWorldConfig()  # the tiny world's colours and kinds are the defaults
     words = description_vocabulary("world", tiny_world)
-    assert words == [*config["colours"], *config["kinds"]]
+    assert words == [*default.colours, *default.kinds]
+    small = dict(n_pretrain=2, n_instruct=2, n_val=1, n_val_qa=6, n_objects=2, samples_per_shard=2)
+    generate_world(
+        ShapesWorldConfig(colours=("red", "blue"), kinds=("circle", "star"), **small), tmp_path / "w"
+    )
+    assert description_vocabulary("world", tmp_path / "w") == ["red", "blue", "circle", "star"]
     assert "red" in words and "circle" in words and "small" not in words, "sizes do not decide a description"
 
 
