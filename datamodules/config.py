@@ -26,7 +26,7 @@ KINDS = ("circle", "square", "triangle", "diamond", "star")
 DEFAULT_KINDS = ("circle", "square", "triangle", "diamond")
 SIZES = ("small", "large")
 QA_KINDS = ("colour", "shape", "count", "exist", "position", "size")
-ANSWER_STYLES = ("short", "sentence")
+ANSWER_STYLES = ("short", "sentence", "described")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,9 @@ class ShapesWorldConfig:
     #: "The red circle is top right.") or ``short`` (the answer alone: "Top right."). A sentence's tokens just
     #: before the answer name the object, as a detailed description's do before its position, and the answer
     #: is read as the description reads it (three seeds: position 0.45 -> 0.59, QA 0.722 -> 0.741; README,
-    #: "Answers that restate the object").
+    #: "Answers that restate the object"). ``described``: as ``sentence``, but a colour or position answer names
+    #: the object as the description does, size first ("The large blue circle is central.", "The large triangle
+    #: is yellow."); tried, not adopted (README, "Batches grouped by length, 2300 instruct steps").
     answer_style: str = "sentence"
 
     def __post_init__(self) -> None:

@@ -384,14 +384,22 @@ def make_question(
     `answer_style`, canonical short answer). The short answer is what chance levels count."""
     shapes = sorted(shapes, key=lambda s: s.cell)
 
-    def reply(short: str, sentence: str) -> tuple[str, str]:
-        return (_answer(sentence) if config.answer_style == "sentence" else _answer(short)), _answer(short)
+    def reply(short: str, sentence: str, described: str | None = None) -> tuple[str, str]:
+        if config.answer_style == "short":
+            return _answer(short), _answer(short)
+        if config.answer_style == "described" and described is not None:
+            return _answer(described), _answer(short)
+        return _answer(sentence), _answer(short)
 
     if kind == "colour":
         counts = Counter(s.kind for s in shapes)
         target = _pick(rng, [s for s in shapes if counts[s.kind] == 1])
         question = f"What colour is the {target.kind}?"
-        answer = reply(target.colour, f"the {target.kind} is {target.colour}")
+        answer = reply(
+            target.colour,
+            f"the {target.kind} is {target.colour}",
+            f"the {target.size} {target.kind} is {target.colour}",
+        )
     elif kind == "shape":
         counts = Counter(s.colour for s in shapes)
         target = _pick(rng, [s for s in shapes if counts[s.colour] == 1])
@@ -419,7 +427,11 @@ def make_question(
     elif kind == "position":
         target = _pick(rng, shapes)
         question = f"Where is the {target.colour} {target.kind}?"
-        answer = reply(target.position, f"the {target.colour} {target.kind} is {target.position}")
+        answer = reply(
+            target.position,
+            f"the {target.colour} {target.kind} is {target.position}",
+            f"the {target.size} {target.colour} {target.kind} is {target.position}",
+        )
     elif kind == "size":
         target = _pick(rng, shapes)
         question = f"Is the {target.colour} {target.kind} large or small?"

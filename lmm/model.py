@@ -103,7 +103,30 @@ class LMM(L.LightningModule):
         if n_images:
             visual = self.visual_tokens(images).to(embeds.dtype)
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), visual)
+        elif self.training and _data_parallel():
+            embeds = embeds + self._visual_zero().to(embeds.dtype)
         return embeds
+
+    def _visual_zero(self) -> Tensor:
+        """A zero that depends on every trainable weight of the visual path, for a batch without images.
+
+        Batches grouped by length (``group_by_length``) are grouped by modality too, so a text-only batch is
+        common; its step leaves the projector out of the graph, and DDP, which expects every trainable parameter
+        to take part on every rank, stops the run. So with more than one rank the projector (and the tower, when
+        it trains) runs on a zero input and its sum is added times 0: its gradient on this rank is zero and the
+        other ranks' gradients average with it. A single process leaves the weights out instead (Adam skips a
+        parameter without a gradient; a zero gradient would still move it by its momentum)."""
+        tower_trains = any(p.requires_grad for p in self.encoder.parameters())
+        if not tower_trains and not any(p.requires_grad for p in self.projector.parameters()):
+            return torch.zeros(())
+        weight = next(self.projector.parameters())
+        if tower_trains:
+            size = self.encoder.image_size
+            tokens = self.visual_tokens(torch.zeros(1, 3, size, size, device=weight.device))
+        else:
+            width = self.encoder.embed_dim
+            tokens = self.projector(torch.zeros(1, 1, width, device=weight.device, dtype=weight.dtype))
+        return tokens.sum() * 0.0
 
     def forward(
         self,
@@ -283,3 +306,12 @@ class LMM(L.LightningModule):
             return self.decode(self.generate_from(batch, max_new_tokens, **kwargs))
         finally:
             self.train(was_training)
+
+
+def _data_parallel() -> bool:
+    """Whether this process is one of several ranks training together (DDP or FSDP)."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and (torch.distributed.get_world_size() > 1)
+    )

@@ -462,6 +462,34 @@ def test_sentence_answers_restate_the_asked_object_and_end_with_the_short_answer
     assert unknown_words(load_word_tokenizer(out / "tokenizer"), texts) == []
 
 
+def test_described_answers_name_the_object_with_its_size_before_a_colour_or_position():
+    """answer_style=described: the same questions and, for colour and position, the sentence answer with the
+    asked shape's size before its other words, the size read off the drawn scene; other kinds unchanged."""
+    from datamodules.shapes import _sample_rng, _val_qa_sample, askable_kinds, sample_scene
+
+    sentence_style = dataclasses.replace(TINY, n_val_qa=60, answer_style="sentence")
+    described_style = dataclasses.replace(sentence_style, answer_style="described")
+    changed = Counter()
+    for index in range(60):
+        sentence = _val_qa_sample(sentence_style, index)["item"]
+        described = _val_qa_sample(described_style, index)["item"]
+        assert described["question"] == sentence["question"]
+        assert described["short_answer"] == sentence["short_answer"]
+        if sentence["kind"] not in ("colour", "position"):
+            assert described["answer"] == sentence["answer"]
+            continue
+        rng = _sample_rng(TINY.seed, "val_qa", index)  # the sampler's draws: scenes until the kind is askable
+        scene = sample_scene(rng, TINY)
+        while sentence["kind"] not in askable_kinds(scene.shapes):
+            scene = sample_scene(rng, TINY)
+        names = re.fullmatch(r"(?:What colour is|Where is) the (.+)\?", sentence["question"]).group(1)
+        (target,) = [s for s in scene.shapes if names in (s.kind, f"{s.colour} {s.kind}")]
+        body = sentence["answer"].removeprefix("The ")
+        assert described["answer"] == f"The {target.size} {body}"
+        changed[sentence["kind"]] += 1
+    assert min(changed.values()) >= 5, changed
+
+
 @pytest.mark.parametrize(
     ("weights", "message"),
     [({"exists": 2.0}, "unknown QA kinds ['exists']"), ({"exist": -1.0}, "must be >= 0")],
@@ -473,7 +501,8 @@ def test_question_weights_refuse_unknown_kinds_and_negative_weights(weights, mes
 
 def test_an_unknown_answer_style_is_refused():
     with pytest.raises(
-        ValueError, match=re.escape("answer_style must be one of ['short', 'sentence'], got 'long'")
+        ValueError,
+        match=re.escape("answer_style must be one of ['short', 'sentence', 'described'], got 'long'"),
     ):
         ShapesWorldConfig(answer_style="long")
 
