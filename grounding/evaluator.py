@@ -63,8 +63,10 @@ def default_text_model() -> str:
 def description_vocabulary(words: str | Sequence[str] | None, data_root: Path) -> list[str] | None:
     """``grounding.description_words`` as a word list: ``world`` becomes the colours and kinds the shapes world
     in ``data_root`` was generated with (its ``world.json``); a list or None is returned as it is."""
-    if words is None or not isinstance(words, str):
-        return None if words is None else list(words)
+    if words is None:
+        return None
+    if not isinstance(words, str):
+        return list(words)
     if words != "world":
         raise ValueError(
             f"grounding.description_words = {words!r}: expected 'world', a list of words or null"
@@ -73,14 +75,16 @@ def description_vocabulary(words: str | Sequence[str] | None, data_root: Path) -
 
     path = Path(data_root) / "world.json"
     summary = load_world_summary(data_root)
+    world = {} if summary is None else summary
     try:
-        if summary is None:
-            raise FileNotFoundError("missing or not JSON")
-        vocabulary = [*summary["config"]["colours"], *summary["config"]["kinds"]]
-    except (FileNotFoundError, KeyError, TypeError) as err:
+        vocabulary = [*world["config"]["colours"], *world["config"]["kinds"]]
+    except (KeyError, TypeError) as err:
+        cause = (
+            "FileNotFoundError: missing or not JSON" if summary is None else f"{type(err).__name__}: {err}"
+        )
         raise ValueError(
             f"grounding.description_words: world needs the shapes world's {path} naming config.colours and "
-            f"config.kinds ({type(err).__name__}: {err})"
+            f"config.kinds ({cause})"
         ) from None
     if not all(isinstance(w, str) for w in vocabulary):
         raise ValueError(f"{path}: config.colours and config.kinds must be lists of words")
