@@ -75,10 +75,7 @@ class ConvTower(nn.Module):
             layers += _conv(cin, cout, 2)
             for _ in range(depth):
                 layers += _conv(cout, cout, 1)
-        # Channels-last weights and input: oneDNN's convolutions and the per-position LayerNorm work on NHWC
-        # without layout copies (the contrastive stage's forward and backward about 15% faster, the same values bit
-        # for bit; a trained tower still differs in its last bits, through the optimiser's kernels).
-        self.body = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+        self.body = nn.Sequential(*layers)
         self.image_size = (image_size, image_size)  # open_clip's attribute names and forms
         self.patch_size = (patch, patch)
         self.width = width
@@ -108,18 +105,13 @@ class ConvTower(nn.Module):
 
     def features(self, images: Tensor) -> Tensor:
         """The last stage's cells as tokens, row-major, without positions."""
-        return self._cells(images).flatten(2).transpose(1, 2)
-
-    def _cells(self, images: Tensor) -> Tensor:
-        return self.body(images.contiguous(memory_format=torch.channels_last))
+        return self.body(images).flatten(2).transpose(1, 2)
 
     def forward_tokens(self, images: Tensor) -> Tensor:
         """What the LMM reads: each cell's features, smoothed among cells of its colour when configured
         (``encoders.token_smoothing``; before the positions, so every token keeps saying where it is), plus its
         fixed position."""
-        cells = colour_guided_smoothing(
-            self._cells(images), images, self.smoothing_steps, self.smoothing_sigma
-        )
+        cells = colour_guided_smoothing(self.body(images), images, self.smoothing_steps, self.smoothing_sigma)
         features = cells.flatten(2).transpose(1, 2)
         return features + self.positional_embedding.to(features.dtype)
 

@@ -259,9 +259,6 @@ class TowersConfig:
     #: weights depend on it (reductions split by thread count: 1 and 2 threads differ by an ulp after 20 steps
     #: and are different towers after 600), so the stage pins it and the cache key holds it: one key, one tower.
     num_threads: int = 2
-    #: Precision the tower stages train in; null: ``trainer.precision``. Part of the cache key. A tower is trained
-    #: once and then frozen in the LMM's own precision, so a faster one here costs the LMM stages nothing.
-    precision: Precision | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "checkpoint_every_n_steps", "num_threads")

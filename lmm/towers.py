@@ -39,8 +39,7 @@ CLIP_WEIGHTS = "visual.safetensors"
 
 def tower_numerics(config: TrainConfig) -> dict[str, Any]:
     """What of the run's hardware settings decides a tower's weights, for its cache key: the device kind, the
-    precision and, on the CPU, the thread count it trains with (``towers.num_threads``), and the AdamW kernel
-    (fused where torch has one: towers trained with the foreach kernel before are other towers)."""
+    precision and, on the CPU, the thread count it trains with (``towers.num_threads``)."""
     import torch
 
     device = {"gpu": "cuda"}.get(config.trainer.accelerator, config.trainer.accelerator)
@@ -49,20 +48,7 @@ def tower_numerics(config: TrainConfig) -> dict[str, Any]:
             "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         )
     threads = config.towers.num_threads if device == "cpu" else None
-    from encoders.pretraining.optim import uses_fused_adamw
-
-    optimizer = "adamw-fused" if uses_fused_adamw(device) else "adamw"
-    return {
-        "device": device,
-        "precision": str(tower_precision(config)),
-        "threads": threads,
-        "optimizer": optimizer,
-    }
-
-
-def tower_precision(config: TrainConfig) -> str:
-    """The precision the tower stages train in: ``towers.precision``, else the run's ``trainer.precision``."""
-    return config.towers.precision or config.trainer.precision
+    return {"device": device, "precision": str(config.trainer.precision), "threads": threads}
 
 
 @contextlib.contextmanager
@@ -292,7 +278,7 @@ class _TowerStages:
         trainer = L.Trainer(
             accelerator=trainer_config.accelerator,
             devices=1,
-            precision=tower_precision(self.config),
+            precision=trainer_config.precision,
             max_steps=steps,
             gradient_clip_val=trainer_config.gradient_clip_val,
             log_every_n_steps=min(trainer_config.log_every_n_steps, steps),

@@ -48,30 +48,6 @@ def test_each_token_depends_on_exactly_its_receptive_field_and_nothing_beyond():
     assert torch.equal(a[0, 0], b[0, 0]) and not torch.equal(a[0, 63], b[0, 63])
 
 
-def test_the_channels_last_layout_computes_what_nchw_weights_did_bit_for_bit():
-    """The tower keeps its conv weights and input channels-last for speed; its tokens and every weight's gradient
-    must be exactly those of the same layers with NCHW weights and input (the layout before)."""
-    config = ClipEncoderConfig(
-        **{**TINY, "image_size": 64, "conv_channels": (16, 32, 64), "conv_depths": (1, 0, 0)}
-    )
-    fast = build_vision_tower(config)
-    assert all(
-        p.is_contiguous(memory_format=torch.channels_last) for p in fast.body.parameters() if p.ndim == 4
-    )
-    plain = build_vision_tower(config)
-    plain.body.to(memory_format=torch.contiguous_format)
-    plain.load_state_dict(fast.state_dict())
-    images = torch.randn(6, 3, 64, 64)
-    reference = plain.body(images).flatten(2).transpose(1, 2)
-    tokens = fast.features(images)
-    assert torch.equal(tokens, reference)
-    target = torch.randn_like(tokens)
-    (tokens * target).sum().backward()
-    (reference * target).sum().backward()
-    for (name, a), b in zip(fast.body.named_parameters(), plain.body.parameters(), strict=True):
-        assert torch.equal(a.grad, b.grad), name
-
-
 def test_conv_depths_set_the_stride_1_convs_per_stage_and_the_receptive_field():
     # 48 px, stride 4, one stride-1 conv in both stages (the last too): 3 -> 5 -> 9 -> 13 -> 21 px by hand.
     config = ClipEncoderConfig(
