@@ -259,6 +259,9 @@ class TowersConfig:
     #: weights depend on it (reductions split by thread count: 1 and 2 threads differ by an ulp after 20 steps
     #: and are different towers after 600), so the stage pins it and the cache key holds it: one key, one tower.
     num_threads: int = 2
+    #: Precision the tower stages train in; null: ``trainer.precision``. Part of the cache key. A tower is trained
+    #: once and then read frozen in the LMM's own precision, so bf16 here costs the LMM stages nothing.
+    precision: Precision | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "checkpoint_every_n_steps", "num_threads")

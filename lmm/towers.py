@@ -48,7 +48,12 @@ def tower_numerics(config: TrainConfig) -> dict[str, Any]:
             "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         )
     threads = config.towers.num_threads if device == "cpu" else None
-    return {"device": device, "precision": str(config.trainer.precision), "threads": threads}
+    return {"device": device, "precision": str(tower_precision(config)), "threads": threads}
+
+
+def tower_precision(config: TrainConfig) -> str:
+    """The precision the tower stages train in: ``towers.precision``, else the run's ``trainer.precision``."""
+    return config.towers.precision or config.trainer.precision
 
 
 @contextlib.contextmanager
@@ -278,7 +283,7 @@ class _TowerStages:
         trainer = L.Trainer(
             accelerator=trainer_config.accelerator,
             devices=1,
-            precision=trainer_config.precision,
+            precision=tower_precision(self.config),
             max_steps=steps,
             gradient_clip_val=trainer_config.gradient_clip_val,
             log_every_n_steps=min(trainer_config.log_every_n_steps, steps),

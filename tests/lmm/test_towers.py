@@ -276,3 +276,33 @@ def test_two_processes_racing_for_one_tower_train_it_once(tiny_world, tmp_path):
     assert [w.exitcode for w in workers] == [0, 0]
     assert sorted(queue.get() for _ in workers) == [False, True]
     assert len(list((tmp_path / "towers").glob("clip-*/tower.json"))) == 1
+
+
+def test_the_tower_stage_trains_in_towers_precision_which_keys_the_cache(tiny_world, tmp_path):
+    from lmm.towers import _TowerStages, ensure_towers
+
+    def config(*extra, cache="keys"):
+        return tower_config(tiny_world, tmp_path / cache, extra, tower=TINY_CONV)
+
+    def key(*extra):
+        c = config(*extra)
+        return _TowerStages(c).clip_key(c.encoder)
+
+    inherited = key()  # towers.precision null: the trainer's, 32-true here
+    assert key("towers.precision=32-true") == inherited  # stated or inherited: one tower
+    assert key("towers.precision=bf16-mixed") == key("trainer.precision=bf16-mixed") != inherited
+    assert key("towers.precision=32-true", "trainer.precision=bf16-mixed") == inherited
+
+    # The stage runs in the tower's precision, whatever the LMM's: bf16 set either way trains the same tower, and
+    # one that 32-true does not.
+    def weights(*extra):
+        trained, _ = ensure_towers(config("encoder.pretrain.steps=3", *extra, cache="-".join(extra)))
+        return load_file(trained.encoder.weights)
+
+    bf16, inherited_bf16, fp32 = (
+        weights("towers.precision=bf16-mixed"),
+        weights("trainer.precision=bf16-mixed"),
+        weights("towers.precision=32-true", "trainer.precision=bf16-mixed"),
+    )
+    assert all(torch.equal(bf16[k], inherited_bf16[k]) for k in bf16)
+    assert not all(torch.equal(bf16[k], fp32[k]) for k in bf16)
