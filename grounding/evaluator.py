@@ -75,17 +75,17 @@ def description_vocabulary(words: str | Sequence[str] | None, data_root: Path) -
 
     path = Path(data_root) / "world.json"
     summary = load_world_summary(data_root)
-    world = {} if summary is None else summary
-    try:
-        vocabulary = [*world["config"]["colours"], *world["config"]["kinds"]]
-    except (KeyError, TypeError) as err:
-        cause = (
-            "FileNotFoundError: missing or not JSON" if summary is None else f"{type(err).__name__}: {err}"
-        )
+    vocabulary, cause = None, "FileNotFoundError: missing or not JSON"
+    if summary is not None:
+        try:
+            vocabulary = [*summary["config"]["colours"], *summary["config"]["kinds"]]
+        except (KeyError, TypeError) as err:
+            cause = f"{type(err).__name__}: {err}"
+    if vocabulary is None:
         raise ValueError(
             f"grounding.description_words: world needs the shapes world's {path} naming config.colours and "
             f"config.kinds ({cause})"
-        ) from None
+        )
     if not all(isinstance(w, str) for w in vocabulary):
         raise ValueError(f"{path}: config.colours and config.kinds must be lists of words")
     return vocabulary
