@@ -27,6 +27,7 @@ DEFAULT_KINDS = ("circle", "square", "triangle", "diamond")
 SIZES = ("small", "large")
 QA_KINDS = ("colour", "shape", "count", "exist", "position", "size")
 ANSWER_STYLES = ("short", "sentence", "described")
+DESCRIPTION_ORDERS = ("reading", "random")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,12 @@ class ShapesWorldConfig:
     #: the object as the description does, size first ("The large blue circle is central.", "The large triangle
     #: is yellow."); tried, not adopted (README, "Batches grouped by length, 2300 instruct steps").
     answer_style: str = "sentence"
+    #: The order of the shapes in an instruct conversation's detailed description: ``reading`` (row-major cells,
+    #: as the GCG caption) or ``random`` (drawn per conversation), so that the position a description gives can
+    #: not be read off a scan of the cells and must come from the shape just named, as a "where" answer's does.
+    #: Tried, not adopted (README, "Which layer finds the shape decides where"). The GCG captions and the
+    #: held-out data keep reading order.
+    description_order: str = "reading"
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -108,6 +115,10 @@ class ShapesWorldConfig:
             raise ValueError(f"describe_weight must be >= 0, got {self.describe_weight}")
         if self.answer_style not in ANSWER_STYLES:
             raise ValueError(f"answer_style must be one of {list(ANSWER_STYLES)}, got {self.answer_style!r}")
+        if self.description_order not in DESCRIPTION_ORDERS:
+            raise ValueError(
+                f"description_order must be one of {list(DESCRIPTION_ORDERS)}, got {self.description_order!r}"
+            )
 
     @property
     def n_object_captions(self) -> int:

@@ -354,13 +354,15 @@ def brief_caption(shapes: Sequence[ShapeSpec]) -> str:
     return _join([s.phrase for s in sorted(shapes, key=lambda s: s.cell)])
 
 
-def detailed_description(shapes: Sequence[ShapeSpec]) -> str:
-    """The answer to DETAIL_PROMPT and the GCG caption: one sentence per shape, in reading order.
+def detailed_description(shapes: Sequence[ShapeSpec], *, reading_order: bool = True) -> str:
+    """The answer to DETAIL_PROMPT and the GCG caption: one sentence per shape, in reading order unless
+    `reading_order` is False (then in the order given).
 
     One short sentence per shape, because in long coordinated sentences spaCy's parser now and then
     reads "bottom right" as a noun chunk; in separate sentences it never did over 20k samples.
     """
-    return " ".join(_answer(f"{s.phrase} is {s.position}") for s in sorted(shapes, key=lambda s: s.cell))
+    ordered = sorted(shapes, key=lambda s: s.cell) if reading_order else shapes
+    return " ".join(_answer(f"{s.phrase} is {s.position}") for s in ordered)
 
 
 def askable_kinds(shapes: Sequence[ShapeSpec]) -> tuple[str, ...]:
@@ -499,7 +501,10 @@ def _instruct_rounds(
     rounds = []
     for i in picked:
         kind = options[int(i)]
-        if kind == "describe":
+        if kind == "describe" and config.description_order == "random":
+            shuffled = [shapes[int(j)] for j in rng.permutation(len(shapes))]
+            rounds.append((DETAIL_PROMPT, detailed_description(shuffled, reading_order=False)))
+        elif kind == "describe":
             rounds.append((DETAIL_PROMPT, detailed_description(shapes)))
         else:
             rounds.append(make_question(rng, shapes, kind, config)[:2])

@@ -46,6 +46,9 @@ class Template:
     assistant: str = "ASSISTANT"
     sep: str = " "  # after the system line and after each user message
     sep2: str = "</s>"  # ends each assistant message (and carries loss)
+    #: Where the image goes in the first user turn: before the question (LLaVA's ``<image>\n`` + question) or
+    #: after it (question + ``\n<image>``), so that every image token can see what is asked.
+    image_first: bool = True
 
     @property
     def stop_text(self) -> str:
@@ -54,7 +57,7 @@ class Template:
 
     def render(self, conversation: Sequence[dict], has_image: bool) -> Rendered:
         """Render a training conversation (LLaVA ``conversations`` list: ``{"from", "value"}`` turns)."""
-        turns = normalise_turns(conversation, has_image)
+        turns = normalise_turns(conversation, has_image, self.image_first)
         if self.name == "plain":
             return self._render_plain(turns, has_image)
         text = self.system + self.sep if self.system else ""
@@ -69,7 +72,7 @@ class Template:
     def prompt(self, question: str, has_image: bool) -> str:
         """The generation prompt for one user question; the model continues after the assistant role."""
         if has_image:
-            question = IMAGE_PLACEHOLDER + "\n" + question.replace(IMAGE_PLACEHOLDER, "").strip()
+            question = place_image(question, self.image_first)
         if self.name == "plain":
             return IMAGE_PLACEHOLDER if has_image else ""
         head = self.system + self.sep if self.system else ""
@@ -89,6 +92,9 @@ class Template:
 TEMPLATES: dict[str, Template] = {
     "plain": Template(name="plain"),
     "vicuna_v1": Template(name="vicuna_v1", system=VICUNA_SYSTEM),
+    "vicuna_v1_question_first": Template(
+        name="vicuna_v1_question_first", system=VICUNA_SYSTEM, image_first=False
+    ),
 }
 
 
@@ -99,8 +105,18 @@ def get_template(name: str) -> Template:
         raise ValueError(f"unknown template {name!r}; expected one of {sorted(TEMPLATES)}") from None
 
 
-def normalise_turns(conversation: Sequence[dict], has_image: bool) -> list[tuple[str, str]]:
-    """Check a LLaVA conversation and return (user, assistant) pairs with ``<image>\\n`` leading turn one.
+def place_image(user_text: str, image_first: bool = True) -> str:
+    """``user_text`` with its image placeholder (added when missing) at its start (``<image>\\n`` + text, LLaVA's)
+    or, ``image_first=False``, at its end (text + ``\\n<image>``)."""
+    text = user_text.replace(IMAGE_PLACEHOLDER, "").strip()
+    return IMAGE_PLACEHOLDER + "\n" + text if image_first else text + "\n" + IMAGE_PLACEHOLDER
+
+
+def normalise_turns(
+    conversation: Sequence[dict], has_image: bool, image_first: bool = True
+) -> list[tuple[str, str]]:
+    """Check a LLaVA conversation and return (user, assistant) pairs with ``<image>\\n`` leading turn one
+    (``image_first=False``: ``\\n<image>`` ending it).
 
     Like LLaVA, a placeholder anywhere in the first user turn is moved to its start; placeholders in later
     turns, or in a sample without an image, are errors rather than silently dropped text.
@@ -124,7 +140,7 @@ def normalise_turns(conversation: Sequence[dict], has_image: bool) -> list[tuple
             raise ConversationError(f"{IMAGE_PLACEHOLDER} outside the first user turn")
         if i == 0:
             if has_image:
-                user_text = IMAGE_PLACEHOLDER + "\n" + user_text.replace(IMAGE_PLACEHOLDER, "").strip()
+                user_text = place_image(user_text, image_first)
             elif IMAGE_PLACEHOLDER in user_text:
                 raise ConversationError(f"{IMAGE_PLACEHOLDER} in a sample without an image")
         if not reply_text.strip():

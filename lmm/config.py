@@ -18,7 +18,7 @@ from datamodules.config import DataConfig
 from encoders.config import Aspect, ClipEncoderConfig
 from grounding.config import GroundingEvalConfig
 
-TemplateName = Literal["plain", "vicuna_v1"]
+TemplateName = Literal["plain", "vicuna_v1", "vicuna_v1_question_first"]
 LLMMode = Literal["frozen", "full", "lora"]
 ProjectorName = Literal["mlp2x_gelu", "linear"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flex_attention"]

@@ -16,7 +16,8 @@ lmms-eval's ``llava_hf`` load it with no project code and compute the same logit
   centre crop, ``resize`` the squash to a square; bicubic, antialiased, like ``encoders.base.ImageTransform``
   (transformers' default torchvision back-end gives a run's pixels exactly; a released LLaVA-1.5 was trained
   on PIL's resize: ``AutoProcessor.from_pretrained(folder, backend="pil")`` gives LLaVA's pixels exactly);
-- chat template: the run's template rendered in Jinja (``<image>\\n`` leads the user turn that has an image).
+- chat template: the run's template rendered in Jinja (``<image>\\n`` leads the user turn that has an image, or
+  ``\\n<image>`` ends it for a template that puts the question first).
 
 The DiffLMM (diffusion / fused) encoders and projectors with positional embeddings or LLaVA-1's ``linear``
 layout have no equivalent in the stock class and are refused with a one-line message. From a released
@@ -77,6 +78,12 @@ def chat_template_jinja(template: Template) -> str:
     def q(text: str) -> str:  # a Jinja string literal (JSON escaping is valid Jinja escaping here)
         return json.dumps(text, ensure_ascii=False)
 
+    question = "(ns.text | replace(" + q(IMAGE_PLACEHOLDER) + ", '') | trim)"
+    if template.image_first:
+        image_turn = q(IMAGE_PLACEHOLDER + "\n") + " + " + question
+    else:
+        image_turn = question + " + " + q("\n" + IMAGE_PLACEHOLDER)
+
     return (
         "{%- set ns = namespace(image=false, text='', system=" + q(template.system) + ") -%}"
         "{%- if messages and messages[0]['role'] == 'system' -%}"
@@ -86,11 +93,7 @@ def chat_template_jinja(template: Template) -> str:
         "{%- if ns.system -%}{{ ns.system + " + q(template.sep) + " }}{%- endif -%}"
         "{%- for message in messages -%}" + parts + "{%- if message['role'] == 'user' -%}"
         "{{ " + q(template.user + ": ") + " }}"
-        "{%- if ns.image -%}{{ "
-        + q(IMAGE_PLACEHOLDER + "\n")
-        + " + (ns.text | replace("
-        + q(IMAGE_PLACEHOLDER)
-        + ", '') | trim) }}"
+        "{%- if ns.image -%}{{ " + image_turn + " }}"
         "{%- else -%}{{ ns.text }}{%- endif -%}"
         "{{ " + q(template.sep) + " }}"
         "{%- elif message['role'] == 'assistant' -%}"

@@ -1,19 +1,15 @@
 """benchmarks/describe_vs_ask.py: the description parser, and a whole pass over a tiny run's validation set."""
 
-import importlib.util
 import json
 from pathlib import Path
 
-from lmm.run_dir import RunDir
+from conftest import load_benchmark
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "describe_vs_ask.py"
+from lmm.run_dir import RunDir
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("describe_vs_ask", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("describe_vs_ask")
 
 
 def test_sentences_give_each_named_shape_its_cell():

@@ -1,22 +1,15 @@
 """benchmarks/token_probes.py: token weights against a hand-placed mask, the probe against separable and
 shuffled labels, and an object's tower feature against the encoder run by hand on a trained tiny run."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "token_probes.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def probes():
-    spec = importlib.util.spec_from_file_location("token_probes", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("token_probes")
 
 
 def test_token_weights_follow_the_padded_square(probes):

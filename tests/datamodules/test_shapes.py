@@ -410,6 +410,38 @@ def test_describe_last_moves_the_description_after_the_questions_and_keeps_the_r
     assert moved > 10
 
 
+def test_random_description_order_shuffles_the_sentences_and_keeps_the_scene():
+    """description_order=random: the same image, and a description that holds the reading-order description's
+    sentences, not always in reading order; the rounds drawn before the description are the same."""
+    from datamodules.shapes import _instruct_sample
+
+    base = dataclasses.replace(TINY, n_instruct=200)
+    shuffled = dataclasses.replace(base, description_order="random")
+    described = reordered = 0
+    for index in range(200):
+        reading, anyorder = _instruct_sample(base, index), _instruct_sample(shuffled, index)
+        assert reading.get("png") == anyorder.get("png")
+        rounds, rounds_any = _rounds(reading["json"]), _rounds(anyorder["json"])
+        prompts = [q for q, _ in rounds]
+        if DETAIL_PROMPT not in prompts:
+            continue
+        at = prompts.index(DETAIL_PROMPT)
+        assert rounds_any[: at + 1][:-1] == rounds[:at] and rounds_any[at][0] == DETAIL_PROMPT
+        sentences = rounds[at][1].split(". ")
+        sentences_any = rounds_any[at][1].split(". ")
+        assert sorted(s.rstrip(".") for s in sentences_any) == sorted(s.rstrip(".") for s in sentences)
+        described += 1
+        reordered += sentences_any != sentences
+    assert described > 50 and reordered > 10, (described, reordered)
+
+
+def test_an_unknown_description_order_is_refused():
+    with pytest.raises(
+        ValueError, match=re.escape("description_order must be one of ['reading', 'random'], got 'sorted'")
+    ):
+        ShapesWorldConfig(description_order="sorted")
+
+
 def test_sentence_answers_restate_the_asked_object_and_end_with_the_short_answer(tmp_path):
     """answer_style=sentence: the same questions (same draws), each answer the short answer after the object the
     question names (existence: "is there" / "is not there" after it); chance levels still count the short

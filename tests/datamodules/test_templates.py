@@ -111,6 +111,34 @@ def test_vicuna_multi_turn_labels_each_reply_and_its_eos(tok):
     assert "<unk>" not in tokens
 
 
+def test_question_first_template_puts_the_image_after_the_question_and_labels_the_same_replies(tok):
+    """vicuna_v1_question_first: the first user turn is the question, a newline, then the image's tokens (the
+    placeholder moved to the end wherever it was); the reply tokens that carry loss are vicuna_v1's."""
+    record = {
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is it?"},
+            {"from": "gpt", "value": "Red."},
+            {"from": "human", "value": "Is it a circle?"},
+            {"from": "gpt", "value": "Yes."},
+        ]
+    }
+    image = Image.new("RGB", (8, 8))
+    first = _encoder(tok, "vicuna_v1_question_first", n_image=2)(record, image)
+    tokens = _tokens(tok, first["input_ids"])
+    start = tokens.index("▁USER")
+    assert tokens[start : start + 11] == [
+        "▁USER", ":", "▁What", "▁color", "▁is", "▁it", "?", "\n", "<image>", "<image>", "▁ASSISTANT"
+    ]  # fmt: skip
+    assert _targets(tok, first) == _targets(tok, _encoder(tok, "vicuna_v1", n_image=2)(record, image))
+    chat = get_template("vicuna_v1_question_first")
+    assert chat.prompt("<image> What color is it?", has_image=True).endswith(
+        "USER: What color is it?\n<image> ASSISTANT:"
+    )
+    assert chat.render(record["conversations"][:2], True).text.startswith(
+        chat.prompt("What color is it?", True)
+    )
+
+
 def test_vicuna_text_only_sample_has_no_image(tok):
     record = {
         "conversations": [{"from": "human", "value": "Is it a circle?"}, {"from": "gpt", "value": "Yes."}]

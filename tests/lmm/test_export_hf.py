@@ -75,7 +75,7 @@ def test_exported_folder_gives_the_projects_logits_and_greedy_tokens(exported, t
         assert our_tokens.shape == (1, 20)
 
 
-@pytest.mark.parametrize("name", ["vicuna_v1", "plain"])
+@pytest.mark.parametrize("name", ["vicuna_v1", "vicuna_v1_question_first", "plain"])
 def test_chat_template_renders_the_runs_template(name):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
