@@ -63,8 +63,20 @@ def _rows(model, image, prompt: str, response: str, layers):
     return view.to_grid(normalize_maps(rows)), view
 
 
-def _length(model, text: str) -> int:
-    return len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+def query_rows(tokenizer, response: str, heads: list[str]) -> list[tuple[int, int]]:
+    """For each ``head`` (a prefix of ``response`` ending "<colour> <kind> is"): the response rows of the
+    query that writes the kind (at the colour word) and of the one that writes the position (at "is").
+    The shapes world's word-level tokenizer gives every word one token, so the colour is 3 tokens from the end."""
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    rows = []
+    for head in heads:
+        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        if ids[: len(head_ids)] != head_ids:
+            raise SystemExit(
+                f"{head!r} does not tokenise as a prefix of {response!r}: not a word-level tokenizer"
+            )
+        rows.append((len(head_ids) - 3, len(head_ids) - 1))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = load_model(argparse.Namespace(run=args.run, device="cpu"))
     model, root = loaded.model, Path(loaded.run_config.data.root) / "val"
+    for name in ("gcg_captions.json", "gcg_masks.json"):
+        if not (root / name).is_file():
+            raise SystemExit(f"{root / name} not found: the run's world has no validation captions and masks")
     captions = json.loads((root / "gcg_captions.json").read_text())
     masks_by_image = defaultdict(list)
     for annotation in json.loads((root / "gcg_masks.json").read_text())["annotations"]:
@@ -100,21 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         # (task, prompt, response, [(shape k, row writing the kind, row writing the position)])
         passes = []
         for k, (_, name, where) in enumerate(parts):
-            head = f"The {name} is"
-            passes.append(
-                (
-                    "where",
-                    f"Where is the {name}?",
-                    f"{head} {where}.",
-                    [(k, _length(model, head) - 3, _length(model, head) - 1)],
-                )
-            )
-        marks, said = [], []
-        for k, (phrase, _, where) in enumerate(parts):
-            head = " ".join([*said, f"{phrase} is"])
-            marks.append((k, _length(model, head) - 3, _length(model, head) - 1))
-            said.append(f"{phrase} is {where}.")
-        passes.append(("description", describe, " ".join(said), marks))
+            answer = f"The {name} is {where}."
+            ((kind_row, where_row),) = query_rows(model.tokenizer, answer, [f"The {name} is"])
+            passes.append(("where", f"Where is the {name}?", answer, [(k, kind_row, where_row)]))
+        said = [f"{phrase} is {where}." for phrase, _, where in parts]
+        heads = [" ".join([*said[:k], f"{phrase} is"]) for k, (phrase, _, _) in enumerate(parts)]
+        rows = query_rows(model.tokenizer, " ".join(said), heads)
+        passes.append(("description", describe, " ".join(said), [(k, *r) for k, r in enumerate(rows)]))
         for task, prompt, response, rows_at in passes:
             for setting, layers in settings:
                 grids, view = _rows(model, image, prompt, response, layers)

@@ -57,3 +57,22 @@ def test_a_pass_over_a_run_reads_every_shape_once_per_query_and_layer(tiny_run, 
         if line.startswith("| the asked") or "another shape |" in line or "no shape |" in line
     ]
     assert sum(int(line.split("|")[2]) for line in answered) == shapes
+
+
+def test_query_rows_are_the_colour_word_and_is_of_each_sentence(tiny_run):
+    from lmm.run_dir import load_run
+
+    model, _ = load_run(tiny_run)
+    tokenizer = model.llm.tokenizer
+    response = "A small red circle is top right. A large blue square is low."
+    rows = _module().query_rows(
+        tokenizer,
+        response,
+        ["A small red circle is", "A small red circle is top right. A large blue square is"],
+    )
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(response, add_special_tokens=False)["input_ids"])
+    assert [(tokens[a].lstrip("▁"), tokens[b].lstrip("▁")) for a, b in rows] == [
+        ("red", "is"),
+        ("blue", "is"),
+    ]
+    assert rows[1][1] == tokens.index("▁is", rows[0][1] + 1)
