@@ -80,7 +80,7 @@ class ShapesWorldConfig:
     #: The order of the shapes in an instruct conversation's detailed description: ``reading`` (row-major cells,
     #: as the GCG caption) or ``random`` (drawn per conversation), so that the position a description gives can
     #: not be read off a scan of the cells and must come from the shape just named, as a "where" answer's does.
-    #: Tried, not adopted (README, "Which layer finds the shape decides where"). The GCG captions and the
+    #: Tried, not adopted (README, "Where the answer looks"). The GCG captions and the
     #: held-out data keep reading order.
     description_order: str = "reading"
 
