@@ -57,12 +57,6 @@ def sentence_parts(caption: str) -> list[tuple[str, str, str]]:
     return parts
 
 
-def _rows(model, image, prompt: str, response: str, layers):
-    ids = model.tokenizer(response, add_special_tokens=False)["input_ids"]
-    ((rows, view),) = teacher_forced_rows(model, model.prepare([image], [prompt]), [ids], layers)
-    return view.to_grid(normalize_maps(rows)), view
-
-
 def query_rows(tokenizer, response: str, heads: list[str]) -> list[tuple[int, int]]:
     """For each ``head`` (a prefix of ``response`` ending "<colour> <kind> is"): the response rows of the
     query that writes the kind (at the colour word) and of the one that writes the position (at "is").
@@ -123,17 +117,21 @@ def main(argv: list[str] | None = None) -> int:
         rows = query_rows(model.tokenizer, " ".join(said), heads)
         passes.append(("description", describe, " ".join(said), [(k, *r) for k, r in enumerate(rows)]))
         for task, prompt, response, rows_at in passes:
+            batch = model.prepare([image], [prompt])  # one prompt, read under every layer setting
+            ids = model.tokenizer(response, add_special_tokens=False)["input_ids"]
+            places = {}
             for setting, layers in settings:
-                grids, view = _rows(model, image, prompt, response, layers)
-                within = view.peak_region("centres")
+                ((rows, view),) = teacher_forced_rows(model, batch, [ids], layers)
+                grids, within = view.to_grid(normalize_maps(rows)), view.peak_region("centres")
                 for k, kind_row, where_row in rows_at:
                     for query, row in (("kind", kind_row), ("position", where_row)):
-                        place = place_of_peak(view.render(grids[row]), within, masks, k)
-                        tally[(f"{task}: the query writing the {query}", setting)][place] += 1
-                        if task == "where" and query == "position" and setting == "all":
-                            answer_key = place
+                        places[(setting, query)] = place_of_peak(view.render(grids[row]), within, masks, k)
+                        tally[(f"{task}: the query writing the {query}", setting)][
+                            places[(setting, query)]
+                        ] += 1
             if task == "where":
-                generated = model.generate(model.prepare([image], [prompt]), 12)[0]
+                answer_key = places[("all", "position")]  # a "where" pass reads one shape
+                generated = model.generate(batch, 12)[0]
                 said_where = (
                     model.tokenizer.decode(generated, skip_special_tokens=True).rstrip(". ").split(" is ")[-1]
                 )
