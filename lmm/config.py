@@ -206,6 +206,10 @@ class TrainerConfig:
     #: Intra-op CPU threads of the training process (None: torch's default, one per core). Tiny models gain
     #: little beyond 2 and lose badly when their threads share cores with other busy processes.
     num_threads: int | None = None
+    #: Compute the prefix all rows of a training batch share (the chat template's system line) once per batch
+    #: instead of once per row (``lmm.shared_prefix``): the same loss and gradients, fewer tokens. Not under
+    #: fsdp or deepspeed, whose wrapped layers run once a step.
+    share_prefix: bool = True
     #: Under SLURM: on SIGUSR1 (sbatch --signal=USR1@90) save hpc_ckpt_<n>.ckpt at the next optimizer step
     #: and requeue the job; the restarted job resumes from it.
     slurm_requeue: bool = True

@@ -29,6 +29,7 @@ from lmm.config import LLMConfig, ProjectorConfig, StageConfig
 from lmm.llm import LLMBackbone
 from lmm.preprocess import SampleEncoder
 from lmm.projector import Projector
+from lmm.shared_prefix import prefix_shared_loss, shared_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ class LMM(L.LightningModule):
         self.stage: StageConfig | None = None
         self.stage_name: str | None = None
         self.run_config: Any = None  # the TrainConfig it was built from (lmm.build), saved into checkpoints
+        #: Training passes compute the prefix all of a batch's rows share once (``lmm.shared_prefix``); the
+        #: training loop turns it off where a decoder layer must run once a step (sharded strategies).
+        self.share_prefix = True
         # Frozen weights are rebuilt from their source (weight files or seeds), not from checkpoints.
         self.strict_loading = False
 
@@ -142,15 +146,29 @@ class LMM(L.LightningModule):
             inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False
         )
 
+    def training_loss(
+        self, input_ids: Tensor, attention_mask: Tensor, images: Tensor | None, labels: Tensor
+    ) -> Tensor:
+        """The loss ``forward`` gives, with the rows' shared prefix computed once when ``share_prefix``."""
+        prefix = (
+            shared_prefix_length(input_ids, attention_mask, labels, self.llm.image_token_id)
+            if self.share_prefix
+            else 0
+        )
+        if not prefix:
+            return self(input_ids, attention_mask, images, labels).loss
+        embeds = self.embed_inputs(input_ids, images)
+        return prefix_shared_loss(self.llm.model, embeds, attention_mask, labels, prefix)
+
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         images = None if batch.images is None else self.encoder_pixels(batch.images)
-        out = self(batch.input_ids, batch.attention_mask, images, batch.labels)
+        loss = self.training_loss(batch.input_ids, batch.attention_mask, images, batch.labels)
         n = len(batch)
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log(
             "train/target_tokens", (batch.labels != IGNORE_INDEX).sum().float(), batch_size=n, reduce_fx="sum"
         )
-        return out.loss
+        return loss
 
     def encoder_pixels(self, images: PackedImages) -> Tensor:
         """A batch's packed uint8 images (already on this module's device) -> the encoder's normalised input,

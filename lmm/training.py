@@ -59,6 +59,8 @@ def run_stage(
     run = RunDir(config.run_dir)
     stage = config.stages[name]
     model.configure_stage(name, stage)
+    strategy = str(config.trainer.strategy)
+    model.share_prefix = config.trainer.share_prefix and strategy != "fsdp" and "deepspeed" not in strategy
     accumulate = stage.global_batch_size // (stage.micro_batch_size * config.trainer.ranks)
     datamodule = build_datamodule(
         config, model, name, sample_log=run.samples_dir(name) if config.data.record_samples else None

@@ -1,0 +1,118 @@
+"""The shared-prefix training pass against the plain one: the same loss and gradients, on real batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import load_benchmark
+
+from lmm.batch import IGNORE_INDEX, collate
+from lmm.build import build_model
+from lmm.config import LoraConfig
+from lmm.config_loading import load_config
+from lmm.shared_prefix import MIN_SHARED_PREFIX, shared_prefix_length
+
+IMAGE = 99
+
+
+def rows(prefix: int, tails: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded rows opening with the same ``prefix`` tokens, labels on every tail token."""
+    length = prefix + max(len(t) for t in tails)
+    ids = torch.zeros(len(tails), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, tail in enumerate(tails):
+        ids[i, :prefix] = torch.arange(1, prefix + 1)
+        ids[i, prefix : prefix + len(tail)] = torch.tensor(tail)
+        mask[i, : prefix + len(tail)] = 1
+        labels[i, prefix : prefix + len(tail)] = torch.tensor(tail)
+    return ids, mask, labels
+
+
+def test_prefix_length_stops_before_the_first_label_and_at_the_first_difference() -> None:
+    ids, mask, labels = rows(12, [[50, 51, 52], [60, 61]])
+    # Position 11's logits predict the first label (position 12): 11 positions are free of any loss.
+    assert shared_prefix_length(ids, mask, labels, IMAGE) == 11
+    unlabelled = labels.clone()
+    unlabelled[:, 12] = IGNORE_INDEX  # the first tail token unsupervised: the tails still differ there
+    assert shared_prefix_length(ids, mask, unlabelled, IMAGE) == 12
+    ids[1, 10] = 7  # the rows now differ at position 10
+    assert shared_prefix_length(ids, mask, unlabelled, IMAGE) == 10
+
+
+def test_no_prefix_for_image_slots_padding_short_prefixes_or_one_row() -> None:
+    ids, mask, labels = rows(12, [[50, 51, 52], [60, 61]])
+    with_image = ids.clone()
+    with_image[:, 3] = IMAGE  # visual tokens differ per sample even where the slots line up
+    assert shared_prefix_length(with_image, mask, labels, IMAGE) == 0  # 3 < MIN_SHARED_PREFIX
+    padded = mask.clone()
+    padded[1, 9:] = 0
+    assert shared_prefix_length(ids, padded, labels, IMAGE) == 9
+    short = rows(MIN_SHARED_PREFIX - 1, [[50], [60]])
+    assert shared_prefix_length(*short, IMAGE) == 0
+    assert shared_prefix_length(ids[:1], mask[:1], labels[:1], IMAGE) == 0
+
+
+def instruct_batch(model, world, n: int = 6):
+    import webdataset as wds
+
+    from datamodules.shards import ShardIndex, decode_sample
+
+    stage = model.stage
+    encode = model.sample_encoder(stage)
+    index = ShardIndex.load(world / stage.data)
+    samples = []
+    for raw in wds.tariterators.tarfile_samples([{"url": url} for url in index.urls]):
+        sample = encode(*decode_sample(raw))
+        if "image" in sample or all("image" in s for s in samples):
+            samples.append(sample)  # mostly image samples, one text-only row: both kinds of row
+        if len(samples) == n:
+            break
+    return collate(samples, model.llm.tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("llm_mode", ["full", "lora"])
+def test_shared_prefix_pass_matches_the_plain_pass(tiny_world, tiny_args, llm_mode: str) -> None:
+    config = load_config(None, tiny_args())
+    stage = config.stages["instruct"]
+    if llm_mode == "lora":
+        stage.llm, stage.lora = "lora", LoraConfig(r=4, alpha=8, dropout=0.0)
+    model = build_model(config)
+    model.configure_stage("instruct", stage)
+    model.train()
+    batch = instruct_batch(model, tiny_world)
+    prefix = shared_prefix_length(
+        batch.input_ids, batch.attention_mask, batch.labels, model.llm.image_token_id
+    )
+    assert prefix >= 25  # the Vicuna system line
+    images = model.encoder_pixels(batch.images)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if llm_mode == "lora":  # adapters start at zero (B = 0): move them so their gradients mean something
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.02)
+    results = {}
+    for share in (False, True):
+        model.share_prefix = share
+        loss = model.training_loss(batch.input_ids, batch.attention_mask, images, batch.labels)
+        results[share] = (loss.detach(), torch.autograd.grad(loss, params, allow_unused=True))
+    (plain_loss, plain_grads), (shared_loss, shared_grads) = results[False], results[True]
+    torch.testing.assert_close(shared_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert sum(g is not None for g in plain_grads) > 0
+    for plain, shared in zip(plain_grads, shared_grads, strict=True):
+        assert (plain is None) == (shared is None)
+        if plain is not None:
+            torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_benchmark_runs_both_ways_on_the_same_batches(tiny_args, capsys, monkeypatch) -> None:
+    bench = load_benchmark("shared_prefix")
+    monkeypatch.setattr("sys.argv", ["shared_prefix.py", "--batches", "3", "--rounds", "1", *tiny_args()])
+    bench.main()
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| once per")]
+    assert [r[1].strip() for r in rows] == ["once per row", "once per batch"]
+    per_row, per_batch = (float(r[2]) for r in rows)
+    assert per_batch < per_row  # the system line is computed once instead of once a row
+    assert float(out.rsplit(":", 1)[1]) < 1e-4
