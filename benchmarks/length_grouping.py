@@ -28,9 +28,12 @@ from lmm.build import build_datamodule, build_model  # noqa: E402
 from lmm.config_loading import load_config  # noqa: E402
 
 
-def _batches(config, model, stage: str, group: int, n: int) -> list:  # noqa: ANN001
-    settings = dataclasses.replace(config.stages[stage], group_by_length=group)
-    config = dataclasses.replace(config, stages={**config.stages, stage: settings})
+def stream_batches(config, model, stage: str, n: int, group: int | None = None) -> list:  # noqa: ANN001
+    """The first ``n`` micro-batches of ``stage``'s stream as the datamodule gives them to the step, with
+    ``group_by_length`` set to ``group`` (None: the stage's own)."""
+    if group is not None:
+        settings = dataclasses.replace(config.stages[stage], group_by_length=group)
+        config = dataclasses.replace(config, stages={**config.stages, stage: settings})
     datamodule = build_datamodule(config, model, stage)
     out = []
     for batch in datamodule.train_dataloader():
@@ -38,6 +41,21 @@ def _batches(config, model, stage: str, group: int, n: int) -> list:  # noqa: AN
         if len(out) == n:
             return out
     return out
+
+
+def default_model(stage: str, threads: int, overrides: list[str]):  # noqa: ANN201
+    """The embedded default's config (with ``overrides``) and its model in training mode for ``stage``, on a
+    random tower (the tower does not change the LLM's work), generating the world if it is missing."""
+    torch.set_num_threads(threads)
+    config = load_config(None, ["encoder.pretrain=null", "data.num_workers=0", *overrides])
+    if config.data.shapes is not None:
+        from datamodules.shapes import ensure_world
+
+        ensure_world(config.data.shapes, Path(config.data.root))
+    model = build_model(config, None)
+    model.configure_stage(stage, config.stages[stage], quiet=True)
+    model.train()
+    return config, model
 
 
 def main() -> None:
@@ -49,16 +67,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    config = load_config(None, ["encoder.pretrain=null", "data.num_workers=0", *args.overrides])
-    if config.data.shapes is not None:
-        from datamodules.shapes import ensure_world
-
-        ensure_world(config.data.shapes, Path(config.data.root))
-    model = build_model(config, None)
-    model.configure_stage(args.stage, config.stages[args.stage], quiet=True)
-    model.train()
-    sets = {g: _batches(config, model, args.stage, g, args.batches) for g in (0, args.group)}
+    config, model = default_model(args.stage, args.threads, args.overrides)
+    sets = {g: stream_batches(config, model, args.stage, args.batches, g) for g in (0, args.group)}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     seconds: dict[int, list[float]] = {g: [] for g in sets}
     for _ in range(args.rounds):

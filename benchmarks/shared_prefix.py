@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from lmm.build import build_datamodule, build_model  # noqa: E402
-from lmm.config_loading import load_config  # noqa: E402
+from benchmarks.length_grouping import default_model, stream_batches  # noqa: E402
 from lmm.shared_prefix import shared_prefix_length  # noqa: E402
 
 
@@ -56,21 +55,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    config = load_config(None, ["encoder.pretrain=null", "data.num_workers=0", *args.overrides])
-    if config.data.shapes is not None:
-        from datamodules.shapes import ensure_world
-
-        ensure_world(config.data.shapes, Path(config.data.root))
-    model = build_model(config, None)
-    model.configure_stage(args.stage, config.stages[args.stage], quiet=True)
-    model.train()
-    datamodule = build_datamodule(config, model, args.stage)
-    batches = []
-    for batch in datamodule.train_dataloader():
-        batches.append(datamodule.on_before_batch_transfer(batch, 0))
-        if len(batches) == args.batches:
-            break
+    config, model = default_model(args.stage, args.threads, args.overrides)
+    batches = stream_batches(config, model, args.stage, args.batches)
 
     seconds: dict[bool, list[float]] = {False: [], True: []}
     losses: dict[bool, list[float]] = {}
