@@ -43,7 +43,7 @@ def run_steps(model, batches: list, share: bool) -> tuple[float, list[float]]:  
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return (time.perf_counter() - start) / len(batches), losses
 
 

@@ -208,7 +208,7 @@ class TrainerConfig:
     num_threads: int | None = None
     #: Compute the prefix all rows of a training batch share (the chat template's system line) once per batch
     #: instead of once per row (``lmm.shared_prefix``): the same loss and gradients, fewer tokens. Not under
-    #: fsdp or deepspeed, whose wrapped layers run once a step.
+    #: fsdp or deepspeed, whose wrapped layers run once a step, nor for an LLM whose config sets dropout.
     share_prefix: bool = True
     #: Under SLURM: on SIGUSR1 (sbatch --signal=USR1@90) save hpc_ckpt_<n>.ckpt at the next optimizer step
     #: and requeue the job; the restarted job resumes from it.

@@ -29,7 +29,7 @@ from lmm.config import LLMConfig, ProjectorConfig, StageConfig
 from lmm.llm import LLMBackbone
 from lmm.preprocess import SampleEncoder
 from lmm.projector import Projector
-from lmm.shared_prefix import prefix_shared_loss, shared_prefix_length
+from lmm.shared_prefix import dropout_free, prefix_shared_loss, shared_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class LMM(L.LightningModule):
         """The loss ``forward`` gives, with the rows' shared prefix computed once when ``share_prefix``."""
         prefix = (
             shared_prefix_length(input_ids, attention_mask, labels, self.llm.image_token_id)
-            if self.share_prefix
+            if self.share_prefix and dropout_free(self.llm.model.config)
             else 0
         )
         if not prefix:

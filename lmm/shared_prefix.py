@@ -9,7 +9,8 @@ had. The loss and gradients are those of the plain pass up to float rounding (te
 an instruct step of the embedded default is about 1.2-1.3x faster.
 
 Only a prefix that no label is read from qualifies (position ``p``'s logits predict token ``p + 1``, so the
-label after the prefix must be ignored as well), and no image slot: visual tokens differ per sample.
+label after the prefix must be ignored as well), and no image slot: visual tokens differ per sample. A model
+with dropout trains the plain way (``dropout_free``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ from lmm.batch import IGNORE_INDEX
 
 #: Below this many shared tokens the second pass costs more than it saves.
 MIN_SHARED_PREFIX = 8
+#: transformers' names for the dropout probabilities of decoder models' configs.
+DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
+
+
+def dropout_free(model_config: Any) -> bool:
+    """Whether a causal LM's config sets no dropout. With dropout the shared prefix would draw one mask for
+    every row where the plain pass draws one per row: the same expectation, not the same training."""
+    return not any(float(getattr(model_config, key, 0.0) or 0.0) > 0.0 for key in DROPOUT_KEYS)
 
 
 def shared_prefix_length(

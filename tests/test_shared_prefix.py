@@ -116,3 +116,61 @@ def test_benchmark_runs_both_ways_on_the_same_batches(tiny_args, capsys, monkeyp
     per_row, per_batch = (float(r[2]) for r in rows)
     assert per_batch < per_row  # the system line is computed once instead of once a row
     assert float(out.rsplit(":", 1)[1]) < 1e-4
+
+
+def test_a_model_with_dropout_trains_the_plain_way(tiny_world, tiny_args) -> None:
+    config = load_config(None, [*tiny_args(), "llm.attention_dropout=0.3"])
+    model = build_model(config)
+    model.configure_stage("instruct", config.stages["instruct"])
+    model.train()
+    batch = instruct_batch(model, tiny_world)
+    images = model.encoder_pixels(batch.images)
+    losses = []
+    for share in (False, True):
+        model.share_prefix = share
+        torch.manual_seed(3)  # the same dropout draws, if the same pass runs
+        losses.append(model.training_loss(batch.input_ids, batch.attention_mask, images, batch.labels))
+    assert torch.equal(losses[0], losses[1])
+    torch.manual_seed(4)
+    model.share_prefix = False
+    assert not torch.equal(
+        losses[0], model.training_loss(batch.input_ids, batch.attention_mask, images, batch.labels)
+    )
+
+
+def test_shared_prefix_pass_matches_the_plain_pass_on_qwen2(tiny_world, tiny_args, tmp_path) -> None:
+    """Another decoder family loaded from a local folder (``llm.path``): grouped-query attention, q/k/v biases."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    vocab = len(AutoTokenizer.from_pretrained(tiny_world / "tokenizer")) + 1  # + the <image> placeholder
+    qwen = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    Qwen2ForCausalLM(qwen).save_pretrained(tmp_path / "qwen2")
+    config = load_config(None, [*tiny_args(), f"llm.path={tmp_path / 'qwen2'}"])
+    model = build_model(config)
+    model.configure_stage("instruct", config.stages["instruct"])
+    model.train()
+    assert type(model.llm.model).__name__ == "Qwen2ForCausalLM"
+    batch = instruct_batch(model, tiny_world)
+    assert (
+        shared_prefix_length(batch.input_ids, batch.attention_mask, batch.labels, model.llm.image_token_id)
+        >= 25
+    )
+    images = model.encoder_pixels(batch.images)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = {}
+    for share in (False, True):
+        model.share_prefix = share
+        loss = model.training_loss(batch.input_ids, batch.attention_mask, images, batch.labels)
+        results[share] = (loss.detach(), torch.autograd.grad(loss, params, allow_unused=True))
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    for plain, shared in zip(results[False][1], results[True][1], strict=True):
+        if plain is not None:
+            torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-6)
