@@ -34,6 +34,12 @@ def dropout_free(model_config: Any) -> bool:
     return not any(float(getattr(model_config, key, 0.0) or 0.0) > 0.0 for key in DROPOUT_KEYS)
 
 
+def strategy_allows_sharing(strategy: str) -> bool:
+    """Whether a Lightning strategy (by name) lets a decoder layer run twice in one step: not FSDP's or
+    DeepSpeed's wrapped layers (and FSDP's activation checkpointing would rerun a layer into a cache)."""
+    return "fsdp" not in strategy and "deepspeed" not in strategy
+
+
 def shared_prefix_length(
     input_ids: Tensor, attention_mask: Tensor, labels: Tensor, image_token_id: int
 ) -> int:

@@ -26,6 +26,7 @@ from lmm.config import TrainConfig
 from lmm.model import LMM
 from lmm.progress import StageProgress
 from lmm.run_dir import RunDir
+from lmm.shared_prefix import strategy_allows_sharing
 from lmm.slurm import Requeued, RequeueSignal
 from lmm.strategies import build_strategy
 
@@ -59,8 +60,7 @@ def run_stage(
     run = RunDir(config.run_dir)
     stage = config.stages[name]
     model.configure_stage(name, stage)
-    strategy = str(config.trainer.strategy)
-    model.share_prefix = config.trainer.share_prefix and strategy != "fsdp" and "deepspeed" not in strategy
+    model.share_prefix = config.trainer.share_prefix and strategy_allows_sharing(str(config.trainer.strategy))
     accumulate = stage.global_batch_size // (stage.micro_batch_size * config.trainer.ranks)
     datamodule = build_datamodule(
         config, model, name, sample_log=run.samples_dir(name) if config.data.record_samples else None

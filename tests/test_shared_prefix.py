@@ -10,7 +10,7 @@ from lmm.batch import IGNORE_INDEX, collate
 from lmm.build import build_model
 from lmm.config import LoraConfig
 from lmm.config_loading import load_config
-from lmm.shared_prefix import MIN_SHARED_PREFIX, shared_prefix_length
+from lmm.shared_prefix import MIN_SHARED_PREFIX, shared_prefix_length, strategy_allows_sharing
 
 IMAGE = 99
 
@@ -174,3 +174,10 @@ def test_shared_prefix_pass_matches_the_plain_pass_on_qwen2(tiny_world, tiny_arg
     for plain, shared in zip(results[False][1], results[True][1], strict=True):
         if plain is not None:
             torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_sharded_strategies_train_the_plain_way() -> None:
+    assert strategy_allows_sharing("auto") and strategy_allows_sharing("ddp")
+    assert strategy_allows_sharing("ddp_find_unused_parameters_true")
+    for sharded in ("fsdp", "fsdp_cpu_offload", "deepspeed_stage_2", "deepspeed_stage_3_offload"):
+        assert not strategy_allows_sharing(sharded)
