@@ -71,27 +71,28 @@ def instruct_batch(model, world, n: int = 6):
     return collate(samples, model.llm.tokenizer.pad_token_id)
 
 
-@pytest.mark.parametrize("llm_mode", ["full", "lora"])
-def test_shared_prefix_pass_matches_the_plain_pass(tiny_world, tiny_args, llm_mode: str) -> None:
-    config = load_config(None, tiny_args())
+def instruct_model(overrides: list[str], lora: bool = False):
+    """The tiny default built for the instruct stage (LoRA on the LLM with ``lora``), in training mode."""
+    config = load_config(None, overrides)
     stage = config.stages["instruct"]
-    if llm_mode == "lora":
+    if lora:
         stage.llm, stage.lora = "lora", LoraConfig(r=4, alpha=8, dropout=0.0)
     model = build_model(config)
     model.configure_stage("instruct", stage)
     model.train()
-    batch = instruct_batch(model, tiny_world)
+    return model
+
+
+def assert_passes_agree(model, world) -> None:  # noqa: ANN001
+    """On a real instruct batch with the system line shared, the shared-prefix pass's loss and gradients
+    are the plain pass's (the plain pass, ``share_prefix = False``, is the reference)."""
+    batch = instruct_batch(model, world)
     prefix = shared_prefix_length(
         batch.input_ids, batch.attention_mask, batch.labels, model.llm.image_token_id
     )
     assert prefix >= 25  # the Vicuna system line
     images = model.encoder_pixels(batch.images)
     params = [p for p in model.parameters() if p.requires_grad]
-    if llm_mode == "lora":  # adapters start at zero (B = 0): move them so their gradients mean something
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(std=0.02)
     results = {}
     for share in (False, True):
         model.share_prefix = share
@@ -106,6 +107,17 @@ def test_shared_prefix_pass_matches_the_plain_pass(tiny_world, tiny_args, llm_mo
             torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("llm_mode", ["full", "lora"])
+def test_shared_prefix_pass_matches_the_plain_pass(tiny_world, tiny_args, llm_mode: str) -> None:
+    model = instruct_model(tiny_args(), lora=llm_mode == "lora")
+    if llm_mode == "lora":  # adapters start at zero (B = 0): move them so their gradients mean something
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.02)
+    assert_passes_agree(model, tiny_world)
+
+
 def test_benchmark_runs_both_ways_on_the_same_batches(tiny_args, capsys, monkeypatch) -> None:
     bench = load_benchmark("shared_prefix")
     monkeypatch.setattr("sys.argv", ["shared_prefix.py", "--batches", "3", "--rounds", "1", *tiny_args()])
@@ -113,16 +125,13 @@ def test_benchmark_runs_both_ways_on_the_same_batches(tiny_args, capsys, monkeyp
     out = capsys.readouterr().out
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| once per")]
     assert [r[1].strip() for r in rows] == ["once per row", "once per batch"]
-    per_row, per_batch = (float(r[2]) for r in rows)
-    assert per_batch < per_row  # the system line is computed once instead of once a row
+    per_row, per_batch = (float(r[2]) for r in rows)  # tokens computed a batch (timings are not asserted)
+    assert per_batch < per_row - 25
     assert float(out.rsplit(":", 1)[1]) < 1e-4
 
 
 def test_a_model_with_dropout_trains_the_plain_way(tiny_world, tiny_args) -> None:
-    config = load_config(None, [*tiny_args(), "llm.attention_dropout=0.3"])
-    model = build_model(config)
-    model.configure_stage("instruct", config.stages["instruct"])
-    model.train()
+    model = instruct_model([*tiny_args(), "llm.attention_dropout=0.3"])
     batch = instruct_batch(model, tiny_world)
     images = model.encoder_pixels(batch.images)
     losses = []
@@ -153,27 +162,9 @@ def test_shared_prefix_pass_matches_the_plain_pass_on_qwen2(tiny_world, tiny_arg
         max_position_embeddings=512,
     )
     Qwen2ForCausalLM(qwen).save_pretrained(tmp_path / "qwen2")
-    config = load_config(None, [*tiny_args(), f"llm.path={tmp_path / 'qwen2'}"])
-    model = build_model(config)
-    model.configure_stage("instruct", config.stages["instruct"])
-    model.train()
+    model = instruct_model([*tiny_args(), f"llm.path={tmp_path / 'qwen2'}"])
     assert type(model.llm.model).__name__ == "Qwen2ForCausalLM"
-    batch = instruct_batch(model, tiny_world)
-    assert (
-        shared_prefix_length(batch.input_ids, batch.attention_mask, batch.labels, model.llm.image_token_id)
-        >= 25
-    )
-    images = model.encoder_pixels(batch.images)
-    params = [p for p in model.parameters() if p.requires_grad]
-    results = {}
-    for share in (False, True):
-        model.share_prefix = share
-        loss = model.training_loss(batch.input_ids, batch.attention_mask, images, batch.labels)
-        results[share] = (loss.detach(), torch.autograd.grad(loss, params, allow_unused=True))
-    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
-    for plain, shared in zip(results[False][1], results[True][1], strict=True):
-        if plain is not None:
-            torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-6)
+    assert_passes_agree(model, tiny_world)
 
 
 def test_sharded_strategies_train_the_plain_way() -> None:
