@@ -1,0 +1,123 @@
+"""How much mask recall the threshold refiner can reach from a token-grid map, whatever the model.
+
+The threshold refiner (``grounding.refiner: threshold``) makes a phrase's mask from its map alone: the map is
+upsampled bicubically from the token grid to the image and thresholded around its peak. Its masks can only be
+as good as what a grid map can say. This builds, for every ground-truth mask of a shapes-world split, the maps
+an ideal model could give on the grid, runs the refiner on them exactly as attend-and-segment does (``pad``
+aspect, point at the upsampled map's maximum) and prints the share of masks recovered with IoU > 0.5 (the IoU
+criterion of GLaMM's mask recall) and the mean IoU, by the shape's share of the image:
+
+- ``coverage``: each cell holds the fraction of it the shape covers (the best a grid map can carry);
+- ``cells >= t``: 1 on the cells the shape covers at least ``t`` times as much as its best-covered cell, 0
+  elsewhere: a map that finds the right cells but is flat over them, as attention over tokens smoothed by colour
+  is (each token of a shape carries the same features, so each gets the same attention).
+
+    python benchmarks/threshold_bound.py [--split data/shapes/val] [--grids 8 16] [--flat 0.25 0.5]
+        [--fraction 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from grounding.coco_io import decode_rle  # noqa: E402
+from grounding.segment import ThresholdRefiner, argmax_point, upsample_map  # noqa: E402
+
+#: Buckets of a shape's share of its image: the world's small, middle and large shapes.
+AREAS = ((0.0, 0.03), (0.03, 0.08), (0.08, 1.0))
+
+
+def coverage_map(mask: np.ndarray, grid: int) -> torch.Tensor:
+    """``(grid, grid)``: the fraction of each token cell the mask covers, the image padded to a centred square
+    as LLaVA's ``pad`` aspect does (so the cells are the encoder's)."""
+    height, width = mask.shape
+    side = max(height, width)
+    square = np.zeros((side, side), np.float32)
+    top, left = (side - height) // 2, (side - width) // 2
+    square[top : top + height, left : left + width] = mask
+    return F.adaptive_avg_pool2d(torch.from_numpy(square)[None, None], grid)[0, 0]
+
+
+def refined_iou(mask: np.ndarray, grid_map: torch.Tensor, refiner: ThresholdRefiner) -> float:
+    """IoU with ``mask`` of the threshold refiner's mask from ``grid_map``, point at the upsampled maximum."""
+    upsampled = upsample_map(grid_map, mask.shape, "pad")
+    point = argmax_point(upsampled)
+    blank = np.zeros((*mask.shape, 3), np.uint8)  # the threshold refiner never looks at the image
+    predicted = refiner(blank, [point], [upsampled])[0]
+    return float((predicted & mask).sum() / (predicted | mask).sum())
+
+
+def bound_rows(masks: list[np.ndarray], grids: list[int], flats: list[float], fraction: float) -> list[dict]:
+    """One row per (grid, map kind): recall (IoU > 0.5) and mean IoU, overall and per area bucket."""
+    refiner = ThresholdRefiner(fraction)
+    areas = np.array([m.mean() for m in masks])
+    rows = []
+    for grid in grids:
+        coverages = [coverage_map(m, grid) for m in masks]
+        kinds = {"coverage": coverages}
+        for t in flats:
+            kinds[f"cells >= {t:g}"] = [(c >= t * c.max()).float() for c in coverages]
+        for kind, maps in kinds.items():
+            ious = np.array([refined_iou(m, g, refiner) for m, g in zip(masks, maps, strict=True)])
+            row = {
+                "grid": grid,
+                "map": kind,
+                "recall": float((ious > 0.5).mean()),
+                "miou": float(ious.mean()),
+            }
+            for lo, hi in AREAS:
+                inside = (areas >= lo) & (areas < hi)
+                row[f"recall {lo:g}-{hi:g}"] = (
+                    float((ious[inside] > 0.5).mean()) if inside.any() else float("nan")
+                )
+            rows.append(row)
+    return rows
+
+
+def load_masks(split: Path) -> list[np.ndarray]:
+    path = split / "gcg_masks.json"
+    try:
+        annotations = json.loads(path.read_text())["annotations"]
+    except (OSError, ValueError, KeyError) as err:
+        raise SystemExit(f"error: {path}: expected a COCO-style JSON with 'annotations' ({err})") from None
+    return [decode_rle(a["segmentation"]) for a in annotations]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--split", type=Path, default=Path("data/shapes/val"))
+    parser.add_argument("--grids", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--flat", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--fraction", type=float, default=0.5, help="the refiner's threshold_fraction")
+    args = parser.parse_args(argv)
+    masks = load_masks(args.split)
+    rows = bound_rows(masks, args.grids, args.flat, args.fraction)
+    buckets = [f"recall {lo:g}-{hi:g}" for lo, hi in AREAS]
+    areas = np.array([m.mean() for m in masks])
+    counts = [int(((areas >= lo) & (areas < hi)).sum()) for lo, hi in AREAS]
+    print(f"{len(masks)} masks of {args.split}; threshold fraction {args.fraction}")
+    print(
+        "| grid | map | recall (IoU > 0.5) | mIoU | "
+        + " | ".join(f"recall, area {b.split()[1]} ({n})" for b, n in zip(buckets, counts, strict=True))
+        + " |"
+    )
+    print("|---|---|---|---|" + "---|" * len(buckets))
+    for r in rows:
+        cells = " | ".join(f"{r[b]:.3f}" for b in buckets)
+        print(f"| {r['grid']} x {r['grid']} | {r['map']} | {r['recall']:.3f} | {r['miou']:.3f} | {cells} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
