@@ -5,7 +5,8 @@
 #   2. the diffusion encoder at SD-1.5 shape, bf16, batch 16: truncated vs full U-Net (issue 5)
 #   3. grounding reproduce at Vicuna-7B shape with random weights, batch 1 and 64 (issue 7)
 #   4. the device-side image transform of the training step, batch 16 at 336 px (issue 6)
-#   5. the whole default recipe on the GPU (pinned batches, device-side transform), float32, timed per stage
+#   5. a short default run on the GPU (pinned batches, device-side transform, bf16-mixed, grounding callback)
+#   6. the whole default recipe on the GPU, float32, timed per stage (what `python train.py` takes on one GPU)
 # A machine without network access gets the packages its image lacks as wheels in .whl/ (see the device notes):
 # they go to /tmp/site, ahead of the image's own. Steps that need spaCy say so and are skipped without it.
 set -uo pipefail
@@ -52,11 +53,16 @@ else echo "skipped: spaCy is not installed (the phrases are its noun chunks)"; f
 echo "== 4. device-side image transform, batch 16 COCO-size -> 336"
 timeout 60 python benchmarks/image_transform.py 2>&1 | tee "$OUT/image_transform.txt"
 
-echo "== 5. the default recipe on the GPU, float32 (grounding evaluations need spaCy: off without it)"
-GROUNDING=""; [ "$HAS_SPACY" = 1 ] || GROUNDING="grounding.enabled=false"
+GROUNDING=""; [ "$HAS_SPACY" = 1 ] || GROUNDING="grounding.enabled=false"  # its phrases are spaCy's noun chunks
+echo "== 5. default recipe on the GPU, tower 60 steps, 40 + 40 LMM steps, bf16-mixed"
+timeout 240 python train.py run_name=gpu-smoke runs_dir=$T/runs trainer.accelerator=gpu trainer.precision=bf16-mixed \
+    towers.cache_dir=$T/towers encoder.pretrain.steps=60 stages.pretrain.max_steps=40 stages.instruct.max_steps=40 grounding.every_n_steps=0 grounding.limit=8 \
+    $GROUNDING 2>&1 | grep -E "finished in|grounding at|QA accuracy|rror" | tee "$OUT/gpu_smoke.txt"
+
+echo "== 6. the whole default recipe on the GPU, float32${GROUNDING:+ (grounding off: no spaCy)}"
 START=$(date +%s)
-timeout 240 python train.py run_name=gpu-default runs_dir=$T/runs trainer.accelerator=gpu \
-    towers.cache_dir=$T/towers trainer.progress_bar=false $GROUNDING 2>&1 \
+timeout 300 python train.py run_name=gpu-default runs_dir=$T/runs trainer.accelerator=gpu \
+    towers.cache_dir=$T/towers-default trainer.progress_bar=false $GROUNDING 2>&1 \
     | grep -E "stage .* done|finished in|QA accuracy|rror" | tee "$OUT/gpu_default.txt"
 echo "wall $(( $(date +%s) - START )) s" | tee -a "$OUT/gpu_default.txt"
 cp $T/runs/gpu-default/qa_eval.json "$OUT/gpu_default_qa.json" 2>/dev/null || true
