@@ -30,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from encoders.transform import pad_to_square  # noqa: E402
 from grounding.coco_io import decode_rle  # noqa: E402
 from grounding.segment import ThresholdRefiner, argmax_point, upsample_map  # noqa: E402
 
@@ -41,12 +43,8 @@ AREAS = ((0.0, 0.03), (0.03, 0.08), (0.08, 1.0))
 def coverage_map(mask: np.ndarray, grid: int) -> torch.Tensor:
     """``(grid, grid)``: the fraction of each token cell the mask covers, the image padded to a centred square
     as LLaVA's ``pad`` aspect does (so the cells are the encoder's)."""
-    height, width = mask.shape
-    side = max(height, width)
-    square = np.zeros((side, side), np.float32)
-    top, left = (side - height) // 2, (side - width) // 2
-    square[top : top + height, left : left + width] = mask
-    return F.adaptive_avg_pool2d(torch.from_numpy(square)[None, None], grid)[0, 0]
+    square = pad_to_square(Image.fromarray(mask.astype(np.uint8)), (0,))
+    return F.adaptive_avg_pool2d(torch.from_numpy(np.asarray(square, np.float32))[None, None], grid)[0, 0]
 
 
 def refined_iou(mask: np.ndarray, grid_map: torch.Tensor, refiner: ThresholdRefiner) -> float:
@@ -58,10 +56,16 @@ def refined_iou(mask: np.ndarray, grid_map: torch.Tensor, refiner: ThresholdRefi
     return float((predicted & mask).sum() / (predicted | mask).sum())
 
 
+def area_buckets(masks: list[np.ndarray]) -> list[np.ndarray]:
+    """Per bucket of ``AREAS``, which masks fall in it (their share of the image)."""
+    areas = np.array([m.mean() for m in masks])
+    return [(areas >= lo) & (areas < hi) for lo, hi in AREAS]
+
+
 def bound_rows(masks: list[np.ndarray], grids: list[int], flats: list[float], fraction: float) -> list[dict]:
     """One row per (grid, map kind): recall (IoU > 0.5) and mean IoU, overall and per area bucket."""
     refiner = ThresholdRefiner(fraction)
-    areas = np.array([m.mean() for m in masks])
+    buckets = area_buckets(masks)
     rows = []
     for grid in grids:
         coverages = [coverage_map(m, grid) for m in masks]
@@ -76,8 +80,7 @@ def bound_rows(masks: list[np.ndarray], grids: list[int], flats: list[float], fr
                 "recall": float((ious > 0.5).mean()),
                 "miou": float(ious.mean()),
             }
-            for lo, hi in AREAS:
-                inside = (areas >= lo) & (areas < hi)
+            for (lo, hi), inside in zip(AREAS, buckets, strict=True):
                 row[f"recall {lo:g}-{hi:g}"] = (
                     float((ious[inside] > 0.5).mean()) if inside.any() else float("nan")
                 )
@@ -104,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     masks = load_masks(args.split)
     rows = bound_rows(masks, args.grids, args.flat, args.fraction)
     buckets = [f"recall {lo:g}-{hi:g}" for lo, hi in AREAS]
-    areas = np.array([m.mean() for m in masks])
-    counts = [int(((areas >= lo) & (areas < hi)).sum()) for lo, hi in AREAS]
+    counts = [int(inside.sum()) for inside in area_buckets(masks)]
     print(f"{len(masks)} masks of {args.split}; threshold fraction {args.fraction}")
     print(
         "| grid | map | recall (IoU > 0.5) | mIoU | "
