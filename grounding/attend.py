@@ -25,7 +25,13 @@ from grounding.capture import AttentionCapture
 from grounding.coco_io import GCGPrediction, mask_to_rle, write_gcg_prediction
 from grounding.config import AttendConfig
 from grounding.layout import GridView, ImageLayout, read_views
-from grounding.phrases import Phrase, default_spacy_model, group_phrases, response_token_offsets
+from grounding.phrases import (
+    Phrase,
+    default_spacy_model,
+    group_phrases,
+    regroup_maps,
+    response_token_offsets,
+)
 from grounding.protocol import GroundableModel
 from grounding.sam_prompts import PromptedSam, ScoredMask, refiner_from_config, remove_corner
 from grounding.segment import (
@@ -34,6 +40,8 @@ from grounding.segment import (
     normalize_response_maps,
     rows_including_stop,
 )
+from grounding.shifted_maps import ShiftedMaps, average_on_image, shift_image, shift_offsets
+from grounding.teacher_forcing import teacher_forced_rows
 
 
 @dataclasses.dataclass
@@ -50,6 +58,16 @@ class GroundedResponse:
     #: Per phrase, the masks the refiner kept with their scores: SAM's predicted IoU (all three masks with
     #: ``more_masks``, else the last, which is ``masks[i]``); 1.0 for a refiner without scores.
     scored_masks: list[list[ScoredMask]] = dataclasses.field(default_factory=list)
+    #: With ``grid_shifts > 1``: the same phrases' grid maps on each shifted copy of the image (the image itself
+    #: excluded); :meth:`image_maps` averages them with ``maps``. Empty with the single map.
+    shifted: list[ShiftedMaps] = dataclasses.field(default_factory=list)
+
+    def image_maps(self, remove_corners: bool = False) -> list[torch.Tensor]:
+        """Per phrase, the ``(H, W)`` map on the image that its point and mask came from (``remove_corners``:
+        as ``AttendConfig.remove_corner``, which the pipeline applied before upsampling)."""
+        if self.view is None:
+            raise ValueError("this response has no grid view to put its maps on the image")
+        return average_on_image(self.maps, self.view, self.shifted, _renderer(remove_corners))
 
     def to_gcg(self, image_id: str) -> GCGPrediction:
         return GCGPrediction(
@@ -149,10 +167,50 @@ class AttendAndSegment:
         ]
 
     def _batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[GroundedResponse]:
+        generated = self._generate(images, prompts)
+        copies = self._shifted_rows(images, prompts, generated)
         return [
-            self._ground(image, r.ids, r.rows, r.view)
-            for image, r in zip(images, self._generate(images, prompts), strict=True)
+            self._ground(image, r.ids, r.rows, r.view, [copy[b] for copy in copies])
+            for b, (image, r) in enumerate(zip(images, generated, strict=True))
         ]
+
+    @torch.no_grad()
+    def _shifted_rows(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], generated: Sequence[ResponseMaps]
+    ) -> list[list[tuple[tuple[int, int], torch.Tensor, GridView]]]:
+        """Per shifted copy (``config.grid_shifts``, ``grounding.shifted_maps``), per image: its offset and the
+        rows of the generated response forced on the moved image, as generation captured them. Empty for 1."""
+        if self.config.grid_shifts == 1:
+            return []
+        # Images of other sizes in one batch have cells of other pixel sizes: copy k is each one's own k-th offset.
+        per_image = [shift_offsets(r.view, self.config.grid_shifts)[1:] for r in generated]
+        stop = self.model.stop_token_ids
+        # The rows of every step, the one that produced the stop token included (the mean map needs it).
+        responses = [r.ids[: max(rows_including_stop(r.ids, stop)[1], 1)] for r in generated]
+        copies = []
+        for k in range(self.config.grid_shifts**2 - 1):
+            offsets = [offsets[k] for offsets in per_image]
+            moved = [shift_image(image, dx, dy) for image, (dx, dy) in zip(images, offsets, strict=True)]
+            batch = self.model.prepare(moved, prompts)
+            forced = teacher_forced_rows(
+                self.model,
+                batch,
+                responses,
+                layers=self.config.layers,
+                register_tokens=self.config.register_tokens,
+                attribute_mixing=self.config.attribute_mixing,
+                own_positions=False,
+            )
+            for r, (_, view) in zip(generated, forced, strict=True):
+                if view.grid != r.view.grid or view.box != r.view.box:
+                    raise ValueError(
+                        f"grid_shifts: the shifted image was read on a {view.grid} grid over {view.box}, the image "
+                        f"itself on {r.view.grid} over {r.view.box}; shifting needs the same layout"
+                    )
+            copies.append(
+                [(offset, rows, view) for offset, (rows, view) in zip(offsets, forced, strict=True)]
+            )
+        return copies
 
     def phrases(
         self, ids: list[int], maps: torch.Tensor, view: GridView
@@ -178,16 +236,18 @@ class AttendAndSegment:
         return text, phrases, token_maps
 
     def segment(
-        self, image: Image.Image, grid_maps: Sequence[torch.Tensor], view: GridView
+        self,
+        image: Image.Image,
+        grid_maps: Sequence[torch.Tensor],
+        view: GridView,
+        shifted: Sequence[ShiftedMaps] = (),
     ) -> tuple[list[tuple[int, int]], list[torch.Tensor], list[list[ScoredMask]]]:
         """Phrase maps on the grid -> per phrase its point, its map on the image and the refiner's scored masks
-        (``remove_corner`` applied first when configured, over all of the image's phrase maps)."""
+        (``remove_corner`` applied first when configured, over all of the image's phrase maps). ``shifted``: the
+        same phrases' maps on shifted copies of the image, averaged in on the image (``grid_shifts``)."""
         if not grid_maps:
             return [], [], []
-        stacked = torch.stack(list(grid_maps))
-        if self.config.remove_corner:
-            stacked = remove_corner(stacked)
-        upsampled = [view.render(m) for m in stacked]
+        upsampled = average_on_image(grid_maps, view, shifted, _renderer(self.config.remove_corner))
         within = view.peak_region(self.config.peak)
         points = [argmax_point(u, within) for u in upsampled]
         pixels = np.asarray(image.convert("RGB"))
@@ -200,10 +260,23 @@ class AttendAndSegment:
         return points, upsampled, scored
 
     def _ground(
-        self, image: Image.Image, ids: list[int], maps: torch.Tensor, view: GridView
+        self,
+        image: Image.Image,
+        ids: list[int],
+        maps: torch.Tensor,
+        view: GridView,
+        copies: Sequence[tuple[tuple[int, int], torch.Tensor, GridView]] = (),
     ) -> GroundedResponse:
         text, phrases, token_maps = self.phrases(ids, maps, view)
-        points, _, scored = self.segment(image, [p.map for p in phrases], view)
+        shifted = []
+        if phrases:
+            n_tokens, n_rows = rows_including_stop(ids, self.model.stop_token_ids)
+            for offset, rows, copy_view in copies:
+                normalised = normalize_response_maps(copy_view.to_grid(rows[:n_rows]), n_tokens)
+                shifted.append(
+                    ShiftedMaps(offset, regroup_maps(phrases, normalised, self.config.combine), copy_view)
+                )
+        points, _, scored = self.segment(image, [p.map for p in phrases], view, shifted)
         return GroundedResponse(
             caption=text,
             phrases=[p.text for p in phrases],
@@ -213,7 +286,21 @@ class AttendAndSegment:
             token_maps=token_maps,
             view=view,
             scored_masks=scored,
+            shifted=shifted,
         )
+
+
+def _renderer(remove_corners: bool):  # noqa: ANN202
+    """``(grid maps, view) -> maps on the view's image``: bicubic through the view, after ``remove_corner``
+    over the image's phrase maps when asked."""
+
+    def render(grid_maps: Sequence[torch.Tensor], view: GridView) -> list[torch.Tensor]:
+        stacked = torch.stack(list(grid_maps))
+        if remove_corners:
+            stacked = remove_corner(stacked)
+        return [view.render(m) for m in stacked]
+
+    return render
 
 
 def write_predictions(results: Sequence[GroundedResponse], image_ids: Sequence[str], out_dir: Path) -> None:

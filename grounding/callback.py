@@ -124,6 +124,7 @@ class GroundingCallback(L.Callback):
                     r.maps,
                     view=r.view,
                     display_size=192,
+                    image_maps=r.image_maps(self.config.remove_corner) if r.shifted else None,
                 )
                 experiment.add_image(f"grounding/overlay_{i}", np.asarray(panel), step, dataformats="HWC")
         record = {"stage": getattr(pl_module, "stage_name", None), "step": step, **metrics}

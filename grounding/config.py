@@ -3,13 +3,16 @@
 ``AttendConfig`` is the one owner of how a model's attention becomes phrases, points and masks: the
 training callback (``grounding:`` in a run config, ``GroundingEvalConfig``, which adds when and on what
 to evaluate), every grounding command (their options are generated from these fields) and ``reproduce``
-all build ``AttendAndSegment`` from it. A new setting is a new field here, with its help text.
+all build ``AttendAndSegment`` from it. A new setting is a new field here, with its help text (and, in
+``ADDED_SETTINGS``, the value that reproduces what the code did before it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, get_args
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Literal, get_args
 
 #: The prompt of detailed descriptions: the reference's, and the shapes world's.
 DEFAULT_PROMPT = "Describe the image in detail."
@@ -21,6 +24,11 @@ SamType = Literal["vit_h", "vit_l", "vit_b"]
 SamMode = Literal["point", "mask"]
 Peak = Literal["image", "centres"]
 REFINERS: tuple[str, ...] = get_args(RefinerName)
+
+
+#: ``AttendConfig`` fields added after prediction folders were first written, with the value that a folder
+#: written before them was made with (``check_settings(absent_means=...)``: such a folder still resumes).
+ADDED_SETTINGS: Mapping[str, Any] = MappingProxyType({"grid_shifts": 1})
 
 
 def _help(text: str) -> dict[str, str]:
@@ -118,6 +126,14 @@ class AttendConfig:
             "whose tokens are their own cells (every ViT, the reference's)"
         ),
     )
+    grid_shifts: int = dataclasses.field(
+        default=1,
+        metadata=_help(
+            "read each response again on n x n copies of the image shifted by fractions 1/n of a token cell and "
+            "average the phrase maps on the image: maps finer than the token grid, from the attention alone "
+            "(one teacher-forced forward pass per extra copy); 1 = the reference's single map"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -130,6 +146,8 @@ class AttendConfig:
             raise ValueError("refiner is 'sam' but sam_checkpoint is unset")
         if not 0.0 <= self.threshold_fraction <= 1.0:
             raise ValueError(f"threshold_fraction must be in [0, 1], got {self.threshold_fraction}")
+        if self.grid_shifts < 1:
+            raise ValueError(f"grid_shifts must be >= 1 (1: the single map), got {self.grid_shifts}")
         if self.register_tokens < 0:
             raise ValueError(f"register_tokens must be >= 0, got {self.register_tokens}")
         if self.sam_mode != "point" and self.refiner != "sam":

@@ -269,8 +269,11 @@ def _heat_tile(
     index: int,
     title: str,
     title_height: int,
+    image_map: torch.Tensor | None = None,
 ) -> Image.Image:
-    if view is not None:
+    if image_map is not None:
+        up = image_map.float().numpy()
+    elif view is not None:
         up = view.render(grid_map).numpy()
     else:
         up = upsample_map(grid_map, (image.height, image.width), aspect).numpy()
@@ -389,9 +392,14 @@ def draw_overlay(
     aspect: str = "pad",
     display_size: int = 320,
     view: GridView | None = None,
+    image_maps: Sequence[torch.Tensor] | None = None,
 ) -> Image.Image:
     """Compose the overlay panel; ``maps`` are the (h, w) grid maps, put on the image by ``view`` (a grounded
-    response's ``view``, any model) or, without one, upsampled with ``aspect``."""
+    response's ``view``, any model) or, without one, upsampled with ``aspect``; ``image_maps``, when given, are
+    the ``(H, W)`` maps already on the image that the points and masks came from
+    (``GroundedResponse.image_maps``: with ``grid_shifts`` finer than the grid) and are drawn instead."""
+    if image_maps is not None and len(image_maps) != len(maps):
+        raise ValueError(f"{len(image_maps)} image maps for {len(maps)} phrase maps")
     image = image.convert("RGB")
     # One line each: a response may hold newlines (an undertrained model's, or a chat model's), which PIL cannot
     # measure, and a label or title bar has room for one line anyway.
@@ -404,7 +412,15 @@ def draw_overlay(
     left = _left_panel(image, layout)
     tiles = [
         _heat_tile(
-            grid_map, image, aspect, view, layout, i, _label_text(i, phrase, layout.legend), title_height
+            grid_map,
+            image,
+            aspect,
+            view,
+            layout,
+            i,
+            _label_text(i, phrase, layout.legend),
+            title_height,
+            None if image_maps is None else image_maps[i],
         )
         for i, (phrase, grid_map) in enumerate(zip(phrases, maps, strict=True))
     ]

@@ -27,6 +27,7 @@ __all__ = [
     "default_spacy_model",
     "load_spacy",
     "noun_chunks",
+    "regroup_maps",
     "response_token_offsets",
 ]
 
@@ -132,18 +133,37 @@ def group_phrases(
         members = tuple(i for i, (s, e) in enumerate(token_offsets) if s < end and start < e)
         if not members:
             continue
-        selected = maps[list(members)]
-        combined = selected.amax(dim=0) if combine == "max" else selected.mean(dim=0)
         phrases.append(
             Phrase(
                 text=chunk.text,
                 char_span=chunk.char_span,
                 token_indices=members,
-                map=combined,
+                map=_combine(maps, members, combine),
                 root=text[chunk.root_span[0] : chunk.root_span[1]],
             )
         )
     return phrases
+
+
+def _combine(maps: torch.Tensor, members: Sequence[int], combine: Literal["max", "mean"]) -> torch.Tensor:
+    selected = maps[list(members)]
+    return selected.amax(dim=0) if combine == "max" else selected.mean(dim=0)
+
+
+def regroup_maps(
+    phrases: Sequence[Phrase], maps: torch.Tensor, combine: Literal["max", "mean"] = "max"
+) -> list[torch.Tensor]:
+    """Per phrase of :func:`group_phrases`, its map combined from other token maps of the same response
+    (``maps`` ``(n_tokens, ...)``, such as the maps read on a shifted copy of the image): the same tokens, the
+    same ``combine``, no second parse."""
+    if combine not in ("max", "mean"):
+        raise ValueError(f"combine must be 'max' or 'mean', got {combine!r}")
+    for phrase in phrases:
+        if phrase.token_indices and max(phrase.token_indices) >= maps.shape[0]:
+            raise ValueError(
+                f"phrase {phrase.text!r} has token {max(phrase.token_indices)} but there are {maps.shape[0]} maps"
+            )
+    return [_combine(maps, phrase.token_indices, combine) for phrase in phrases]
 
 
 def response_token_offsets(

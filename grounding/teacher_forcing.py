@@ -78,10 +78,13 @@ def teacher_forced_rows(
     layers: Sequence[int] | None = None,
     register_tokens: int = 0,
     attribute_mixing: bool = True,
+    own_positions: bool = True,
 ) -> list[tuple[torch.Tensor, GridView]]:
     """Per sample, ``(rows, view)``: one raw map row per response token, the attention of the query at that
     token's own position to the cells of ``view`` (the read grid, ``register_tokens`` skipped), in view order;
     ``attribute_mixing``: whether the view keeps the layout's token mixing (``AttendConfig.attribute_mixing``).
+    ``own_positions=False``: row ``i`` is instead the query that produces token ``i``, as in generation, so a
+    generated response forced again gives the rows its generation captured (``grounding.shifted_maps``).
 
     ``model.forward(batch)`` runs the single pass (``GroundableModel.forward``).
     """
@@ -90,7 +93,7 @@ def teacher_forced_rows(
     full, start = append_responses(batch, responses, 0 if pad is None else int(pad))
     positions = [view.positions for view in views]
     with AttentionCapture(
-        model.language_model, positions, response_start=start, layers=layers, own_positions=True
+        model.language_model, positions, response_start=start, layers=layers, own_positions=own_positions
     ) as capture:
         model.forward(full)
     maps = capture.maps()

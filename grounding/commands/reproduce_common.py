@@ -5,6 +5,7 @@ the table of measured numbers beside the paper's."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 from grounding.commands.models import ModelLoadError, load_model
 from grounding.commands.settings_file import SettingsMismatch, check_settings
 from grounding.commands.sharded import ShardFailed, read_ids, run_sharded, write_json_atomic
-from grounding.config import AttendConfig
+from grounding.config import ADDED_SETTINGS, AttendConfig
 
 __all__ = [
     "PAPER_SETTINGS",
@@ -27,6 +28,7 @@ __all__ = [
     "read_predictions",
     "run_work",
     "select_ids",
+    "single_map",
     "write_report",
 ]
 
@@ -76,7 +78,13 @@ def predictions_folder(out: Path, recorded: Mapping[str, Any]) -> Path:
     """``out/predictions``, once the settings recorded in ``out`` are checked against ``recorded`` (written there
     on a first run): predictions made with other settings are never mixed into one result."""
     try:
-        check_settings(out, dict(recorded), ignore=("batch_size",), predictions="predictions")
+        check_settings(
+            out,
+            dict(recorded),
+            ignore=("batch_size",),
+            predictions="predictions",
+            absent_means=ADDED_SETTINGS,
+        )
     except SettingsMismatch as err:
         raise ReproduceError(str(err)) from None
     return out / "predictions"
@@ -128,6 +136,18 @@ def base_settings(args: argparse.Namespace) -> AttendConfig:
     from lmm.run_dir import RunDir
 
     return RunDir(args.run).read_config().grounding.attend_settings()
+
+
+def single_map(settings: AttendConfig, task: str) -> AttendConfig:
+    """``settings`` with ``grid_shifts`` 1, for a task that reads its maps without the pipeline's grounding
+    step (``task`` names it); says so when the settings, a run's own, asked for shifted copies."""
+    if settings.grid_shifts == 1:
+        return settings
+    print(
+        f"note: grid_shifts {settings.grid_shifts} (the run's grounding settings) is read by GCG and the shapes "
+        f"evaluations; {task} reads each map once"
+    )
+    return dataclasses.replace(settings, grid_shifts=1)
 
 
 def absolute(path: Any) -> str | None:

@@ -33,6 +33,7 @@ from grounding.commands.reproduce_common import (
     read_predictions,
     run_work,
     select_ids,
+    single_map,
     write_report,
 )
 from grounding.commands.sharded import add_parallel_arguments, write_json_atomic
@@ -134,7 +135,7 @@ def run_instance(args: argparse.Namespace) -> dict[str, Any]:
     if args.refiner is None and args.run is None:
         args.refiner = "sam"  # the reference's
     base = INSTANCE_SETTINGS if args.run is None else base_settings(args)
-    settings = attend_settings(args, base)
+    settings = single_map(attend_settings(args, base), "instance segmentation")
     if settings.refiner == "sam" and not (
         settings.sam_checkpoint and Path(settings.sam_checkpoint).is_file()
     ):
@@ -245,5 +246,7 @@ def add_instance_parser(sub: Any) -> None:
     c.add_argument("--out", required=True, type=Path)
     c.add_argument("--limit", type=int, default=None, help="only the first N images (smoke tests, timing)")
     add_parallel_arguments(c)
-    add_attend_arguments(c, "the reference's: refiner sam (needs --sam), mean over a phrase's tokens")
+    add_attend_arguments(
+        c, "the reference's: refiner sam (needs --sam), mean over a phrase's tokens", exclude=("grid_shifts",)
+    )
     c.set_defaults(handler=run_instance)

@@ -34,6 +34,7 @@ from grounding.commands.reproduce_common import (
     read_predictions,
     run_work,
     select_ids,
+    single_map,
     write_report,
 )
 from grounding.commands.sharded import add_parallel_arguments, write_json_atomic
@@ -176,7 +177,7 @@ def run_png(args: argparse.Namespace) -> dict[str, Any]:
         raise ReproduceError("give --panoptic-pred DIR (the reference's OpenSeeD PNGs), or --sam / --refiner")
     if panoptic_pred is not None and not Path(panoptic_pred).is_dir():
         raise ReproduceError(f"--panoptic-pred {panoptic_pred}: not a folder")
-    settings = attend_settings(args, base_settings(args))
+    settings = single_map(attend_settings(args, base_settings(args)), "PNG")
     if panoptic_pred is None and settings.refiner == "sam" and not Path(settings.sam_checkpoint).is_file():
         raise ReproduceError(f"--sam {settings.sam_checkpoint}: file not found")
     print(f"settings: {describe(settings)}")
@@ -245,5 +246,7 @@ def add_png_parser(sub: Any) -> None:
         "--limit", type=int, default=None, help="only the first N narratives (smoke tests, timing)"
     )
     add_parallel_arguments(p)
-    add_attend_arguments(p, "the reference's: the detailed-description prompt, every layer")
+    add_attend_arguments(
+        p, "the reference's: the detailed-description prompt, every layer", exclude=("grid_shifts",)
+    )
     p.set_defaults(handler=run_png)

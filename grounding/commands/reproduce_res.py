@@ -35,6 +35,7 @@ from grounding.commands.reproduce_common import (
     read_predictions,
     run_work,
     select_ids,
+    single_map,
     write_report,
 )
 from grounding.commands.sharded import add_parallel_arguments, write_json_atomic
@@ -217,7 +218,9 @@ def run_res(args: argparse.Namespace) -> dict[str, Any]:
         raise ReproduceError(f"--first-tokens must be >= 1, got {args.first_tokens}")
     if not args.images.is_dir():
         raise ReproduceError(f"--images {args.images}: not a folder")
-    settings = attend_settings(args, RES_SETTINGS if args.run is None else base_settings(args))
+    settings = single_map(
+        attend_settings(args, RES_SETTINGS if args.run is None else base_settings(args)), "RES"
+    )
     if args.proposals is None and settings.refiner == "sam" and not Path(settings.sam_checkpoint).is_file():
         raise ReproduceError(f"--sam {settings.sam_checkpoint}: file not found")
     print(f"settings: {describe(settings)}")
@@ -317,5 +320,7 @@ def add_res_parser(sub: Any) -> None:
         "--limit", type=int, default=None, help="only the first N expressions (smoke tests, timing)"
     )
     add_parallel_arguments(r)
-    add_attend_arguments(r, "the reference's: greedy, up to 1024 new tokens, every layer")
+    add_attend_arguments(
+        r, "the reference's: greedy, up to 1024 new tokens, every layer", exclude=("grid_shifts",)
+    )
     r.set_defaults(handler=run_res)

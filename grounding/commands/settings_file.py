@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,17 @@ class SettingsMismatch(Exception):
 
 
 def check_settings(
-    out: Path, settings: dict[str, Any], ignore: Iterable[str] = (), predictions: str = ""
+    out: Path,
+    settings: dict[str, Any],
+    ignore: Iterable[str] = (),
+    predictions: str = "",
+    absent_means: Mapping[str, Any] | None = None,
 ) -> None:
     """Record ``settings`` in ``out/settings.json``, or, when the folder already holds predictions
     (``*.json`` in ``out/predictions``, or in ``out`` itself when ``predictions`` is empty), refuse settings
-    that differ from the recorded ones in any key but ``ignore`` (those only change speed)."""
+    that differ from the recorded ones in any key but ``ignore`` (those only change speed). ``absent_means``:
+    for settings added after a folder was written, the value its missing key stands for (what the code did
+    then), so a folder from an older version resumes."""
     out = Path(out)
     path = out / "settings.json"
     folder = out / predictions if predictions else out
@@ -27,7 +33,7 @@ def check_settings(
         json.dumps(settings, default=str)
     )  # as it reads back: tuples -> lists, paths -> str
     if path.is_file() and has_predictions:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
+        recorded = {**(absent_means or {}), **json.loads(path.read_text(encoding="utf-8"))}
         skip = set(ignore)
         for key in sorted((recorded.keys() | settings.keys()) - skip):
             if recorded.get(key) != settings.get(key):
