@@ -180,9 +180,15 @@ class GroundingEvalConfig(AttendConfig):
     #: ``world``: the shapes world's colours and kinds, read from ``world.json`` in the data root; None: whole
     #: phrases must match (sizes and every other word too).
     description_words: Literal["world"] | list[str] | None = None
+    #: Also score the plain threshold refiner's masks, cut at this fraction, from the same maps and points
+    #: (``threshold_recall``, ``threshold_miou``, ``threshold_ap50``): what the attention alone segments, beside
+    #: the refiner's masks. None: only the refiner's.
+    threshold_also: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.threshold_also is not None and not 0.0 <= self.threshold_also <= 1.0:
+            raise ValueError(f"threshold_also must be in [0, 1] or null, got {self.threshold_also}")
         if self.every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {self.every_n_steps}")
         if self.limit is not None and self.limit < 1:

@@ -18,14 +18,14 @@ import numpy as np
 from PIL import Image
 
 from grounding.attend import AttendAndSegment, GroundedResponse
-from grounding.coco_io import GCGGroundTruth, load_gcg_ground_truth, rle_area
+from grounding.coco_io import GCGGroundTruth, load_gcg_ground_truth, mask_to_rle, rle_area
 from grounding.config import GroundingEvalConfig
 from grounding.description import DescriptionAccuracy, phrase_key
 from grounding.evaluate import evaluate_gcg
 from grounding.metrics import PhrasePointingAccuracy
 from grounding.protocol import GroundableModel
 from grounding.sam_prompts import refiner_from_config
-from grounding.segment import Refiner
+from grounding.segment import Refiner, ThresholdRefiner
 
 
 @dataclasses.dataclass
@@ -163,6 +163,8 @@ class GroundingEvaluator:
         for error, share in description.breakdown().items():  # why the wrong ones are wrong
             if error != "right":
                 metrics[f"description_miss_{error}"] = share
+        if self.config.threshold_also is not None:
+            metrics.update(self._threshold_metrics(results))
         metrics["phrases_per_image"] = (
             float(np.mean([len(r.phrases) for r in results.values()])) if results else 0.0
         )
@@ -176,6 +178,22 @@ class GroundingEvaluator:
             )
         )
         return metrics
+
+    def _threshold_metrics(self, results: dict[Any, GroundedResponse]) -> dict[str, float]:
+        """GCG's mask metrics of the threshold refiner's masks (``config.threshold_also``) from each result's own
+        maps on the image and points: the same captions, phrases and pairing, other masks."""
+        refiner = ThresholdRefiner(self.config.threshold_also)
+        predictions = {}
+        for iid, r in results.items():
+            pred = r.to_gcg(iid)
+            if r.phrases:
+                height, width = r.view.image_size
+                blank = np.zeros((height, width, 3), np.uint8)  # the threshold refiner reads the map alone
+                masks = refiner(blank, r.points, r.image_maps(self.config.remove_corner))
+                pred = dataclasses.replace(pred, pred_masks=[mask_to_rle(np.asarray(m, bool)) for m in masks])
+            predictions[iid] = pred
+        scores = evaluate_gcg(self.data.gt, predictions, self._get_similarity(), caption_metrics=False)
+        return {f"threshold_{key}": scores[key] for key in ("recall", "miou", "ap50")}
 
     def _get_similarity(self):  # noqa: ANN202
         if self._similarity is None:

@@ -29,6 +29,7 @@ from grounding.commands.options import add_attend_arguments, attend_settings, de
 from grounding.evaluator import GroundingEvaluator
 
 COLUMNS = ("pointing", "recall", "miou", "ap50")
+THRESHOLD_COLUMNS = ("threshold_recall", "threshold_miou", "threshold_ap50")
 
 
 def parse_sets(sets: list[str] | None, n_layers: int) -> list[list[int] | None]:
@@ -54,6 +55,7 @@ def sweep(
     device: str | None,
     options: argparse.Namespace | None = None,
     description_words: list[str] | None = None,
+    threshold_also: float | None = None,
 ) -> list[dict[str, Any]]:
     """Records of the run's grounding evaluation per layer setting; ``limit`` 0: every image; ``options``: the
     attend-and-segment options given (``add_attend_arguments``), applied over the run's own settings;
@@ -74,6 +76,11 @@ def sweep(
     if description_words is not None:
         words = description_words[0] if description_words == ["world"] else description_words
         grounding = dataclasses.replace(grounding, description_words=words)
+    if threshold_also is not None:
+        try:
+            grounding = dataclasses.replace(grounding, threshold_also=threshold_also)
+        except ValueError as err:
+            raise SystemExit(f"error: --threshold-also: {err}") from None
     print(f"settings: {describe(grounding.attend_settings())}; images: {grounding.limit or 'all'}")
     try:
         evaluator = GroundingEvaluator(grounding, Path(config.data.root))
@@ -99,11 +106,13 @@ def sweep(
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
-    lines = [f"| {'layers':<12} | " + " | ".join(f"{c:>8}" for c in COLUMNS) + " |"]
-    lines.append(f"|{'-' * 14}|" + "|".join("-" * 10 for _ in COLUMNS) + "|")
+    # The threshold refiner's masks beside the refiner's when the run scores them (grounding.threshold_also).
+    columns = COLUMNS + tuple(c for c in THRESHOLD_COLUMNS if records and c in records[0])
+    lines = [f"| {'layers':<12} | " + " | ".join(f"{c:>8}" for c in columns) + " |"]
+    lines.append(f"|{'-' * 14}|" + "|".join("-" * (max(len(c), 8) + 2) for c in columns) + "|")
     for r in records:
         name = r["layers"] if r["layers"] == "all" else ",".join(map(str, r["layers"]))
-        lines.append(f"| {name:<12} | " + " | ".join(f"{r[c]:>8.3f}" for c in COLUMNS) + " |")
+        lines.append(f"| {name:<12} | " + " | ".join(f"{r[c]:>{max(len(c), 8)}.3f}" for c in columns) + " |")
     return "\n".join(lines)
 
 
@@ -138,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         help="words that decide whether a description is right ('world': the shapes world's colours and "
         "kinds; default: the run's grounding.description_words)",
     )
+    parser.add_argument(
+        "--threshold-also",
+        type=float,
+        default=None,
+        metavar="F",
+        help="also score the threshold refiner's masks cut at F from the same maps and points "
+        "(default: the run's grounding.threshold_also)",
+    )
     add_attend_arguments(parser, "the run's grounding settings", exclude=("layers",))
     args = parser.parse_args(argv)
     out = args.out or args.run / "grounding" / "layers.json"
@@ -148,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         probe.unlink()
     except OSError as err:
         raise SystemExit(f"error: cannot write {out} ({err.strerror}); pass --out") from None
-    records = sweep(args.run, args.sets, args.limit, args.device, args, args.description_words)
+    records = sweep(
+        args.run, args.sets, args.limit, args.device, args, args.description_words, args.threshold_also
+    )
     print(format_table(records))
     out.write_text(json.dumps(records, indent=1) + "\n")
     print(f"wrote {out}")

@@ -115,6 +115,9 @@ def lmm(trained_run):
 def llava(tmp_path_factory):
     from grounding.hf import registry
 
+    torch.manual_seed(
+        0
+    )  # the weights hf_tiny leaves at their init: the same whichever test builds this first
     return registry.load("hf-llava", hf_tiny.write_llava(tmp_path_factory.mktemp("llava")))
 
 
@@ -188,3 +191,34 @@ def test_grid_shifts_average_the_maps_of_the_shifted_copies(llava):
         masks = ThresholdRefiner(settings.threshold_fraction)(np.asarray(image), result.points, got)
         assert all(np.array_equal(m, k) for m, k in zip(masks, result.masks, strict=True))
         assert any(not torch.allclose(g, k) for g, k in zip(got, single.image_maps(), strict=True))
+
+
+def test_threshold_also_scores_the_threshold_refiners_masks_from_the_same_maps(llava, tiny_world):
+    """``grounding.threshold_also``: the guided refiner's evaluation also scores the threshold refiner's masks;
+    they must be what an evaluation with the threshold refiner itself gives (the points do not depend on it)."""
+    from grounding.config import GroundingEvalConfig
+    from grounding.evaluator import GroundingEvaluator
+
+    common = dict(spacy_model=SPACY, max_new_tokens=12, batch_size=3, limit=6, grid_shifts=2, peak="centres")
+    both = GroundingEvaluator(
+        GroundingEvalConfig(refiner="guided", threshold_fraction=0.8, threshold_also=0.65, **common),
+        tiny_world,
+    )
+    alone = GroundingEvaluator(
+        GroundingEvalConfig(refiner="threshold", threshold_fraction=0.65, **common), tiny_world
+    )
+    guided_results = both.predict(llava)
+    threshold_results = alone.predict(llava)
+    got, want = both.metrics(guided_results), alone.metrics(threshold_results)
+    for key in ("recall", "miou", "ap50"):
+        assert got[f"threshold_{key}"] == pytest.approx(want[key]), key
+    assert "threshold_recall" not in want
+    masks = [
+        (g, t)
+        for iid in guided_results
+        for g, t in zip(guided_results[iid].masks, threshold_results[iid].masks, strict=True)
+    ]
+    assert masks and any(not np.array_equal(g, t) for g, t in masks), "the two refiners' masks differ"
+    assert want["miou"] > 0, "some threshold mask overlaps its ground truth"
+    with pytest.raises(ValueError, match="threshold_also must be in"):
+        GroundingEvalConfig(threshold_also=1.5)
