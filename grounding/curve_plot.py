@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 DEFAULT_METRICS: dict[str, tuple[str, tuple[int, int, int]]] = {
     "pointing": ("pointing accuracy", (31, 119, 180)),
     "recall": ("mask recall", (255, 127, 14)),
+    "threshold_recall": ("mask recall, threshold refiner", (140, 86, 75)),  # grounding.threshold_also
     "miou": ("mIoU", (44, 160, 44)),
     "ap50": ("AP50", (214, 39, 40)),
     "description": ("description accuracy", (148, 103, 189)),
