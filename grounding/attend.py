@@ -8,7 +8,9 @@ normalised (the response's mean map subtracted), grouped by noun phrase (max ove
 root word), put on the image by the layout's inverse geometry (bicubic, then the pad-aware crop or a plain
 resize), and each phrase's peak (anywhere, or with ``peak: centres`` between the outermost cell centres)
 becomes the point prompt of a refiner (SAM, or a threshold of the map
-itself) that returns its mask. Results can be written in GLaMM's GCG prediction format.
+itself) that returns its mask. With ``grid_shifts > 1`` the maps put on the image are averages over copies of the
+image shifted by fractions of a cell, each read by forcing the generated response again
+(``grounding.shifted_maps``). Results can be written in GLaMM's GCG prediction format.
 """
 
 from __future__ import annotations

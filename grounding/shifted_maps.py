@@ -92,6 +92,8 @@ def average_on_image(
     The average is of the maps as rendered, not rescaled: every copy reads the same response with the same
     model, so their scales agree, and a consumer that needs the absolute scale (SAM's mask prompt) keeps it.
     """
+    if not maps:
+        return []
     total = [m.float().clone() for m in render(maps, view)]
     for copy in shifted:
         if len(copy.maps) != len(total):

