@@ -238,3 +238,17 @@ def test_threshold_also_scores_the_threshold_refiners_masks_from_the_same_maps(l
     assert want["miou"] > 0, "some threshold mask overlaps its ground truth"
     with pytest.raises(ValueError, match="threshold_also must be in"):
         GroundingEvalConfig(threshold_also=1.5)
+
+
+def test_the_cost_benchmark_times_every_setting_against_the_single_map(trained_run, capsys):
+    from conftest import load_benchmark
+
+    bench = load_benchmark("grid_shifts")
+    assert bench.main(["--run", str(trained_run), "--images", "2", "--shifts", "2", "--repeats", "1"]) == 0
+    rows = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line
+    ]
+    assert [row.split(" | ")[:2] for row in rows] == [["| 1", "1"], ["| 2", "4"]]
+    assert rows[0].endswith("| 1.00 |")
+    with pytest.raises(SystemExit, match="must be >= 1"):
+        bench.main(["--run", str(trained_run), "--shifts", "0"])
