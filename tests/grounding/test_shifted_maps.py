@@ -252,3 +252,25 @@ def test_the_cost_benchmark_times_every_setting_against_the_single_map(trained_r
     assert rows[0].endswith("| 1.00 |")
     with pytest.raises(SystemExit, match="must be >= 1"):
         bench.main(["--run", str(trained_run), "--shifts", "0"])
+
+
+def test_overlays_draw_the_averaged_maps(llava):
+    from grounding.overlay import draw_overlay
+
+    image = hf_tiny.images()[0]
+    settings = AttendConfig(spacy_model=SPACY, max_new_tokens=12, batch_size=1, grid_shifts=2)
+    r = AttendAndSegment(llava, settings)([image])[0]
+    assert r.phrases
+    args = (image, r.caption, r.phrases, r.points, r.masks, r.maps)
+    grid_drawn = np.asarray(draw_overlay(*args, view=r.view))
+    averaged = np.asarray(draw_overlay(*args, view=r.view, image_maps=r.image_maps()))
+    assert grid_drawn.shape == averaged.shape and not np.array_equal(grid_drawn, averaged)
+    # The single map drawn as an image map is the grid map drawn through the view.
+    one = AttendAndSegment(llava, dataclasses.replace(settings, grid_shifts=1))([image])[0]
+    same = (image, one.caption, one.phrases, one.points, one.masks, one.maps)
+    assert np.array_equal(
+        np.asarray(draw_overlay(*same, view=one.view)),
+        np.asarray(draw_overlay(*same, view=one.view, image_maps=one.image_maps())),
+    )
+    with pytest.raises(ValueError, match="image maps for"):
+        draw_overlay(*args, view=r.view, image_maps=[])
