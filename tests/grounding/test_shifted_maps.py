@@ -274,3 +274,17 @@ def test_overlays_draw_the_averaged_maps(llava):
     )
     with pytest.raises(ValueError, match="image maps for"):
         draw_overlay(*args, view=r.view, image_maps=[])
+
+
+def test_layer_sweep_scores_the_threshold_refiner_on_request(trained_run, tmp_path, capsys):
+    from grounding.commands import layer_sweep
+
+    out = tmp_path / "layers.json"
+    argv = ["--run", str(trained_run), "--sets", "all", "--out", str(out)]
+    assert layer_sweep.main([*argv, "--threshold-also", "0.4", "--grid-shifts", "2"]) == 0
+    record = json.loads(out.read_text())[0]
+    assert all(0.0 <= record[f"threshold_{k}"] <= 1.0 for k in ("recall", "miou", "ap50"))
+    printed = capsys.readouterr().out
+    assert "grid_shifts=2" in printed and "threshold_recall" in printed
+    with pytest.raises(SystemExit, match="--threshold-also: threshold_also must be in"):
+        layer_sweep.main([*argv, "--threshold-also", "1.5"])
