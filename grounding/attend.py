@@ -188,7 +188,7 @@ class AttendAndSegment:
         per_image = [shift_offsets(r.view, self.config.grid_shifts)[1:] for r in generated]
         stop = self.model.stop_token_ids
         # The rows of every step, the one that produced the stop token included (the mean map needs it).
-        responses = [r.ids[: max(rows_including_stop(r.ids, stop)[1], 1)] for r in generated]
+        responses = [r.ids[: rows_including_stop(r.ids, stop)[1]] for r in generated]
         copies = []
         for k in range(self.config.grid_shifts**2 - 1):
             offsets = [offsets[k] for offsets in per_image]
@@ -221,21 +221,26 @@ class AttendAndSegment:
 
         ``ids`` are the generated ids (stop token and padding included) and ``maps`` one raw row per step.
         """
-        # The step that produced the stop token has a row in the mean map (the reference's), never in a phrase.
-        n_tokens, n_rows = rows_including_stop(ids, self.model.stop_token_ids)
-        ids = ids[:n_tokens]
-        token_maps = view.to_grid(maps[: len(ids)])
-        text, offsets = response_token_offsets(self.model.tokenizer, ids)
+        tokens = ids[: rows_including_stop(ids, self.model.stop_token_ids)[0]]
+        token_maps = view.to_grid(maps[: len(tokens)])
+        text, offsets = response_token_offsets(self.model.tokenizer, tokens)
         stripped = len(text) - len(text.lstrip())  # decoders may keep the space that led the first token
         text = text.strip()
         offsets = [(max(s - stripped, 0), max(e - stripped, 0)) for s, e in offsets]
-        if not ids or not text:
+        if not tokens or not text:
             return text, [], token_maps
-        normalised = normalize_response_maps(view.to_grid(maps[:n_rows]), n_tokens)
+        normalised = self._normalised(ids, maps, view)
         phrases = group_phrases(
             text, offsets, normalised, self.config.combine, self.spacy_model, self.config.phrase_tokens
         )
         return text, phrases, token_maps
+
+    def _normalised(self, ids: list[int], rows: torch.Tensor, view: GridView) -> torch.Tensor:
+        """``(n_tokens, h, w)``: the response tokens' maps on ``view``'s grid minus the mean of every step's map,
+        the stop step's included (the reference's normalisation); ``ids`` as generated, ``rows`` one per step."""
+        # The step that produced the stop token has a row in the mean map (the reference's), never in a phrase.
+        n_tokens, n_rows = rows_including_stop(ids, self.model.stop_token_ids)
+        return normalize_response_maps(view.to_grid(rows[:n_rows]), n_tokens)
 
     def segment(
         self,
@@ -272,9 +277,8 @@ class AttendAndSegment:
         text, phrases, token_maps = self.phrases(ids, maps, view)
         shifted = []
         if phrases:
-            n_tokens, n_rows = rows_including_stop(ids, self.model.stop_token_ids)
             for offset, rows, copy_view in copies:
-                normalised = normalize_response_maps(copy_view.to_grid(rows[:n_rows]), n_tokens)
+                normalised = self._normalised(ids, rows, copy_view)
                 shifted.append(
                     ShiftedMaps(offset, regroup_maps(phrases, normalised, self.config.combine), copy_view)
                 )

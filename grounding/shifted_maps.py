@@ -94,7 +94,10 @@ def average_on_image(
     """
     if not maps:
         return []
-    total = [m.float().clone() for m in render(maps, view)]
+    rendered = render(maps, view)
+    if not shifted:  # the single map, as rendered: no copy, no division
+        return rendered
+    total = [m.float().clone() for m in rendered]
     for copy in shifted:
         if len(copy.maps) != len(total):
             raise ValueError(f"a shifted copy has {len(copy.maps)} phrase maps, the image {len(total)}")
