@@ -210,6 +210,11 @@ class TrainerConfig:
     #: instead of once per row (``lmm.shared_prefix``): the same loss and gradients, fewer tokens. Not under
     #: fsdp or deepspeed, whose wrapped layers run once a step, nor for an LLM whose config sets dropout.
     share_prefix: bool = True
+    #: Compute the last decoder layer's MLP and the LM head of a training pass only at the positions whose
+    #: logits the loss reads (``lmm.loss_positions``): the same loss and gradients, less work and no logits
+    #: for the unsupervised positions. Not under fsdp or deepspeed (the head would run outside the wrapped
+    #: forward, and a checkpointed last layer is recomputed whole), nor for an LLM whose config sets dropout.
+    read_positions_only: bool = True
     #: Under SLURM: on SIGUSR1 (sbatch --signal=USR1@90) save hpc_ckpt_<n>.ckpt at the next optimizer step
     #: and requeue the job; the restarted job resumes from it.
     slurm_requeue: bool = True

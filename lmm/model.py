@@ -27,6 +27,7 @@ from lmm.batch import IGNORE_INDEX, PackedImages, TrainBatch
 from lmm.checkpoint_io import check_checkpoint_keys, unwrapped_name
 from lmm.config import LLMConfig, ProjectorConfig, StageConfig
 from lmm.llm import LLMBackbone
+from lmm.loss_positions import read_positions_loss, supports_read_positions_loss
 from lmm.preprocess import SampleEncoder
 from lmm.projector import Projector
 from lmm.shared_prefix import dropout_free, prefix_shared_loss, shared_prefix_length
@@ -64,6 +65,9 @@ class LMM(L.LightningModule):
         #: Training passes compute the prefix all of a batch's rows share once (``lmm.shared_prefix``); the
         #: training loop turns it off where a decoder layer must run once a step (sharded strategies).
         self.share_prefix = True
+        #: Training passes compute the last decoder layer's MLP and the LM head only where the loss reads them
+        #: (``lmm.loss_positions``); off where the head's logits are more than a linear map of the decoder's output.
+        self.read_positions_only = True
         # Frozen weights are rebuilt from their source (weight files or seeds), not from checkpoints.
         self.strict_loading = False
 
@@ -149,16 +153,22 @@ class LMM(L.LightningModule):
     def training_loss(
         self, input_ids: Tensor, attention_mask: Tensor, images: Tensor | None, labels: Tensor
     ) -> Tensor:
-        """The loss ``forward`` gives, with the rows' shared prefix computed once when ``share_prefix``."""
+        """The loss ``forward`` gives, with the rows' shared prefix computed once when ``share_prefix`` and
+        the last layer's MLP and the head only at the positions the loss reads when ``read_positions_only``."""
+        causal_lm = self.llm.model
+        exact = dropout_free(causal_lm.config)  # the cheaper passes draw dropout masks of other shapes
         prefix = (
             shared_prefix_length(input_ids, attention_mask, labels, self.llm.image_token_id)
-            if self.share_prefix and dropout_free(self.llm.model.config)
+            if self.share_prefix and exact
             else 0
         )
-        if not prefix:
+        read_only = self.read_positions_only and exact and supports_read_positions_loss(causal_lm)
+        if not prefix and not read_only:
             return self(input_ids, attention_mask, images, labels).loss
         embeds = self.embed_inputs(input_ids, images)
-        return prefix_shared_loss(self.llm.model, embeds, attention_mask, labels, prefix)
+        if not prefix:
+            return read_positions_loss(causal_lm, embeds, attention_mask, labels)
+        return prefix_shared_loss(causal_lm, embeds, attention_mask, labels, prefix, read_only=read_only)
 
     def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         images = None if batch.images is None else self.encoder_pixels(batch.images)

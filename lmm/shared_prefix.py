@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from lmm.batch import IGNORE_INDEX
+from lmm.loss_positions import read_positions_loss
 
 #: Below this many shared tokens the second pass costs more than it saves.
 MIN_SHARED_PREFIX = 8
@@ -59,10 +60,18 @@ def shared_prefix_length(
 
 
 def prefix_shared_loss(
-    causal_lm: Any, embeds: Tensor, attention_mask: Tensor, labels: Tensor, prefix: int
+    causal_lm: Any,
+    embeds: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    prefix: int,
+    *,
+    read_only: bool = False,
 ) -> Tensor:
     """The causal-LM loss of ``embeds`` (B, L, D) against ``labels`` (B, L), with the first ``prefix``
-    positions (shared by every row; ``shared_prefix_length``) computed for one row only."""
+    positions (shared by every row; ``shared_prefix_length``) computed for one row only; with ``read_only``
+    the rest of each row computes its last layer's MLP and its head only where the loss reads them
+    (``lmm.loss_positions``)."""
     from transformers import DynamicCache
 
     rows, length = labels.shape
@@ -72,11 +81,9 @@ def prefix_shared_loss(
     positions = torch.arange(prefix, length, device=embeds.device).unsqueeze(0).expand(rows, -1)
     # Position prefix - 1's logits predict label `prefix`, which is ignored: the rest's own logits and
     # labels are the whole loss, averaged over the same supervised tokens as the plain pass.
+    rest = {"position_ids": positions, "cache": cache, "use_cache": True}
+    if read_only:
+        return read_positions_loss(causal_lm, embeds[:, prefix:], attention_mask, labels[:, prefix:], **rest)
     return causal_lm(
-        inputs_embeds=embeds[:, prefix:],
-        attention_mask=attention_mask,
-        position_ids=positions,
-        cache=cache,
-        labels=labels[:, prefix:],
-        use_cache=True,
+        inputs_embeds=embeds[:, prefix:], attention_mask=attention_mask, labels=labels[:, prefix:], **rest
     ).loss

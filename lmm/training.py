@@ -60,7 +60,9 @@ def run_stage(
     run = RunDir(config.run_dir)
     stage = config.stages[name]
     model.configure_stage(name, stage)
-    model.share_prefix = config.trainer.share_prefix and strategy_allows_sharing(str(config.trainer.strategy))
+    sharded = not strategy_allows_sharing(str(config.trainer.strategy))
+    model.share_prefix = config.trainer.share_prefix and not sharded
+    model.read_positions_only = config.trainer.read_positions_only and not sharded
     accumulate = stage.global_batch_size // (stage.micro_batch_size * config.trainer.ranks)
     datamodule = build_datamodule(
         config, model, name, sample_log=run.samples_dir(name) if config.data.record_samples else None

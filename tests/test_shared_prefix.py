@@ -1,4 +1,5 @@
-"""The shared-prefix training pass against the plain one: the same loss and gradients, on real batches."""
+"""The shared-prefix training pass (and the read-positions pass, ``lmm.loss_positions``) against the plain one:
+the same loss and gradients, on real batches."""
 
 from __future__ import annotations
 
@@ -83,28 +84,40 @@ def instruct_model(overrides: list[str], lora: bool = False):
     return model
 
 
-def assert_passes_agree(model, world) -> None:  # noqa: ANN001
-    """On a real instruct batch with the system line shared, the shared-prefix pass's loss and gradients
-    are the plain pass's (the plain pass, ``share_prefix = False``, is the reference)."""
-    batch = instruct_batch(model, world)
-    prefix = shared_prefix_length(
-        batch.input_ids, batch.attention_mask, batch.labels, model.llm.image_token_id
-    )
-    assert prefix >= 25  # the Vicuna system line
-    images = model.encoder_pixels(batch.images)
+#: The training passes ``LMM.training_loss`` can take, as (share_prefix, read_positions_only); the first is
+#: the plain pass, transformers' own forward and loss, which the others must agree with.
+PASSES = ((False, False), (True, False), (False, True), (True, True))
+
+
+def training_pass(model, batch, images, share: bool, read_only: bool) -> tuple[torch.Tensor, tuple]:  # noqa: ANN001
+    """The loss and the trainable parameters' gradients of one way of computing a batch's training loss."""
+    model.share_prefix, model.read_positions_only = share, read_only
     params = [p for p in model.parameters() if p.requires_grad]
-    results = {}
-    for share in (False, True):
-        model.share_prefix = share
-        loss = model.training_loss(batch.input_ids, batch.attention_mask, images, batch.labels)
-        results[share] = (loss.detach(), torch.autograd.grad(loss, params, allow_unused=True))
-    (plain_loss, plain_grads), (shared_loss, shared_grads) = results[False], results[True]
-    torch.testing.assert_close(shared_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    loss = model.training_loss(batch.input_ids, batch.attention_mask, images, batch.labels)
+    return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def assert_passes_agree(model, world, batch=None) -> None:  # noqa: ANN001
+    """On a real instruct batch with the system line shared (or ``batch``), every pass's loss and gradients
+    are the plain pass's."""
+    if batch is None:
+        batch = instruct_batch(model, world)
+        prefix = shared_prefix_length(
+            batch.input_ids, batch.attention_mask, batch.labels, model.llm.image_token_id
+        )
+        assert prefix >= 25  # the Vicuna system line
+    images = None if batch.images is None else model.encoder_pixels(batch.images)
+    plain_loss, plain_grads = training_pass(model, batch, images, *PASSES[0])
     assert sum(g is not None for g in plain_grads) > 0
-    for plain, shared in zip(plain_grads, shared_grads, strict=True):
-        assert (plain is None) == (shared is None)
-        if plain is not None:
-            torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-6)
+    for way in PASSES[1:]:
+        loss, grads = training_pass(model, batch, images, *way)
+        torch.testing.assert_close(
+            loss, plain_loss, rtol=1e-5, atol=1e-6, msg=lambda m, way=way: f"{way}: {m}"
+        )
+        for plain, other in zip(plain_grads, grads, strict=True):
+            assert (plain is None) == (other is None)
+            if plain is not None:
+                torch.testing.assert_close(other, plain, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("llm_mode", ["full", "lora"])
@@ -118,16 +131,23 @@ def test_shared_prefix_pass_matches_the_plain_pass(tiny_world, tiny_args, llm_mo
     assert_passes_agree(model, tiny_world)
 
 
-def test_benchmark_runs_both_ways_on_the_same_batches(tiny_args, capsys, monkeypatch) -> None:
+def test_benchmark_runs_every_way_on_the_same_batches(tiny_args, capsys, monkeypatch) -> None:
     bench = load_benchmark("shared_prefix")
     monkeypatch.setattr("sys.argv", ["shared_prefix.py", "--batches", "3", "--rounds", "1", *tiny_args()])
     bench.main()
     out = capsys.readouterr().out
-    rows = [line.split("|") for line in out.splitlines() if line.startswith("| once per")]
-    assert [r[1].strip() for r in rows] == ["once per row", "once per batch"]
-    per_row, per_batch = (float(r[2]) for r in rows)  # tokens computed a batch (timings are not asserted)
-    assert per_batch < per_row - 25
-    assert float(out.rsplit(":", 1)[1]) < 1e-4
+    names = [name for name, *_ in bench.WAYS]
+    rows = [
+        line.split("|")[1:-1]
+        for line in out.splitlines()
+        if line.split("|")[1:2] in ([f" {n} "] for n in names)
+    ]
+    assert [r[0].strip() for r in rows] == names
+    # tokens computed a batch and the last MLP's positions (timings are not asserted)
+    (plain, plain_mlp), (shared, shared_mlp), (read, read_mlp) = ((float(r[1]), float(r[2])) for r in rows)
+    assert shared < plain - 25 and read == shared
+    assert plain_mlp == plain and shared_mlp == shared and read_mlp < shared / 2
+    assert all(float(r[6]) < 1e-4 for r in rows)
 
 
 def test_a_model_with_dropout_trains_the_plain_way(tiny_world, tiny_args) -> None:
