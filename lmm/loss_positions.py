@@ -88,16 +88,15 @@ def read_positions_loss(
     embeds: Tensor,
     attention_mask: Tensor,
     labels: Tensor,
-    *,
-    prune_last_mlp: bool = True,
     **decoder_kwargs: Any,
 ) -> Tensor:
     """The causal-LM loss of ``embeds`` (B, L, D) against ``labels`` (B, L), mean over the supervised tokens
-    as transformers' loss, with the head (and with ``prune_last_mlp`` the last layer's MLP) computed at the
-    read positions only. ``decoder_kwargs`` (``position_ids``, ``cache``, ``use_cache``) go to the decoder."""
+    as transformers' loss, with the head and (where ``last_layer_mlp`` finds it) the last layer's MLP computed
+    at the read positions only. ``decoder_kwargs`` (``position_ids``, ``cache``, ``use_cache``) go to the
+    decoder."""
     decoder = causal_lm.get_decoder()
     read = read_positions(labels)
-    mlp = last_layer_mlp(decoder) if prune_last_mlp else None
+    mlp = last_layer_mlp(decoder)
     decoder_kwargs.setdefault("use_cache", False)
     with rows_only(mlp, read) if mlp is not None else contextlib.nullcontext():
         hidden = decoder(

@@ -66,7 +66,8 @@ class LMM(L.LightningModule):
         #: training loop turns it off where a decoder layer must run once a step (sharded strategies).
         self.share_prefix = True
         #: Training passes compute the last decoder layer's MLP and the LM head only where the loss reads them
-        #: (``lmm.loss_positions``); off where the head's logits are more than a linear map of the decoder's output.
+        #: (``lmm.loss_positions``); the training loop turns it off under sharded strategies, and it is skipped
+        #: for an LLM with dropout or whose logits are more than its head's output.
         self.read_positions_only = True
         # Frozen weights are rebuilt from their source (weight files or seeds), not from checkpoints.
         self.strict_loading = False
