@@ -3,7 +3,7 @@
 ``plot_grounding_curve(history, path)`` draws the records the training callback keeps (``grounding/metrics.json``:
 one dict per evaluation with ``stage``, ``step`` and the metrics) as lines on one step axis, the stages laid
 end to end with a dashed boundary and their names, the pointing chance level as a dashed grey line, and a
-legend. Drawn with PIL (no plotting library is a dependency), so it works wherever training runs.
+legend in the plot's corner that the lines cross least. Drawn with PIL (no plotting library is a dependency), so it works wherever training runs.
 """
 
 from __future__ import annotations
@@ -87,14 +87,15 @@ def plot_grounding_curve(
         label_x = px(start) + 4
         draw.text((label_x, top + plot_h + 22), name, fill=(60, 60, 60), font=small)
         for x in (start, end):
-            draw.text((px(x) - 6, top + plot_h + 6), f"{int(round(x))}", fill=(80, 80, 80), font=small)
+            label = f"{int(round(x))}"
+            # the axis's last label ends inside the image instead of running off its right edge
+            label_x = min(px(x) - 6, width - 2 - draw.textlength(label, font=small))
+            draw.text((label_x, top + plot_h + 6), label, fill=(80, 80, 80), font=small)
     chance = [r.get("chance_pointing") for r in history if r.get("chance_pointing") is not None]
     if chance:
         _dashed(draw, (left, py(chance[-1])), (left + plot_w, py(chance[-1])), (150, 150, 150))
-        draw.text(
-            (left + plot_w - 100, py(chance[-1]) - 14), "pointing chance", fill=(120, 120, 120), font=small
-        )
-    legend_y = top + 6
+    legend: list[tuple[str, tuple[int, int, int]]] = []
+    drawn: list[tuple[float, float]] = []  # points along every line, to place the legend clear of them
     for key, (name, colour) in metrics.items():
         series = [
             (x, r[key]) for x, r in zip(xs, history, strict=True) if isinstance(r.get(key), (int, float))
@@ -106,9 +107,37 @@ def plot_grounding_curve(
             draw.line(points, fill=colour, width=2)
         for cx, cy in points:
             draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=colour)
-        draw.line([(left + 8, legend_y + 7), (left + 26, legend_y + 7)], fill=colour, width=3)
-        draw.text((left + 30, legend_y), f"{name} ({series[-1][1]:.2f})", fill=(0, 0, 0), font=small)
-        legend_y += 15
+        drawn += [
+            (ax + (bx - ax) * t / 16, ay + (by - ay) * t / 16)
+            for (ax, ay), (bx, by) in zip(points, points[1:] or points, strict=False)
+            for t in range(17)
+        ]
+        legend.append((f"{name} ({series[-1][1]:.2f})", colour))
+    if legend:
+        # In the plot's corner that the lines cross least, on a white box, so that no word is drawn over.
+        box_w = 34 + max(draw.textlength(text, font=small) for text, _ in legend)
+        box_h = 6 + 15 * len(legend)
+        corners = [
+            (x0, y0)
+            for y0 in (top + 3, top + plot_h - 3 - box_h)
+            for x0 in (left + 2, left + plot_w - 2 - box_w)
+        ]
+
+        def crossings(corner: tuple[float, float]) -> int:
+            x0, y0 = corner
+            return sum(x0 - 4 <= x <= x0 + box_w + 4 and y0 - 4 <= y <= y0 + box_h + 4 for x, y in drawn)
+
+        x0, y0 = min(corners, key=crossings)
+        draw.rectangle((x0, y0, x0 + box_w, y0 + box_h), fill="white")
+        for i, (text, colour) in enumerate(legend):
+            legend_y = y0 + 3 + 15 * i
+            draw.line([(x0 + 6, legend_y + 7), (x0 + 24, legend_y + 7)], fill=colour, width=3)
+            draw.text((x0 + 28, legend_y), text, fill=(0, 0, 0), font=small)
+    if chance:  # its label at the line's right end, or at its left end when the legend sits at the right
+        label_x = left + plot_w - 100
+        if legend and x0 > left + 2 and y0 > top + 3:
+            label_x = left + 6
+        draw.text((label_x, py(chance[-1]) - 14), "pointing chance", fill=(120, 120, 120), font=small)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
