@@ -42,7 +42,9 @@ def test_the_last_step_label_fits_and_the_legend_sits_where_no_line_runs(tmp_pat
     left, top, plot_h = 48, 30, height - 30 - 44
     plot_w = width - left - 16
     axis_labels = pixels[top + plot_h + 4 : top + plot_h + 22]
-    assert (axis_labels[:, -1] == 255).all()  # nothing drawn in the last column: the label "3700" ends before it
+    assert (
+        axis_labels[:, -1] == 255
+    ).all()  # nothing drawn in the last column: the label "3700" ends before it
     assert (axis_labels[:, -40:] < 200).any()  # but it is there, near the edge
     words = np.argwhere((pixels[top : top + plot_h] < 60).all(axis=-1))  # the legend's black text
     assert len(words) > 50 and (words[:, 0] > plot_h / 2).all()
