@@ -3,7 +3,8 @@
 ``plot_grounding_curve(history, path)`` draws the records the training callback keeps (``grounding/metrics.json``:
 one dict per evaluation with ``stage``, ``step`` and the metrics) as lines on one step axis, the stages laid
 end to end with a dashed boundary and their names, the pointing chance level as a dashed grey line, and a
-legend in the plot's corner that the lines cross least. Drawn with PIL (no plotting library is a dependency), so it works wherever training runs.
+legend in the plot's corner that the lines cross least. Drawn with PIL (no plotting library is a dependency), so
+it works wherever training runs.
 """
 
 from __future__ import annotations
